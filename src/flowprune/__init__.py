@@ -1,0 +1,32 @@
+"""flowprune: make trained PyTorch networks smaller and faster without losing what they learned.
+
+The data flows one way: calibrate -> plan -> cut -> recover -> measure -> save -> route -> report.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from flowprune.data import DataSplits, load_dataset, make_loader  # noqa: E402
+from flowprune.errors import FlowpruneError  # noqa: E402
+from flowprune.io import load, save  # noqa: E402
+from flowprune.measure import accuracy, count_macs_params, latency, throughput  # noqa: E402
+from flowprune.models import build_model, list_models  # noqa: E402
+from flowprune.train import fit  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "DataSplits",
+    "FlowpruneError",
+    "accuracy",
+    "build_model",
+    "count_macs_params",
+    "fit",
+    "latency",
+    "list_models",
+    "load",
+    "load_dataset",
+    "make_loader",
+    "save",
+    "throughput",
+]

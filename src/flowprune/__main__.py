@@ -1,0 +1,5 @@
+import sys
+
+from flowprune.cli import main
+
+sys.exit(main())

@@ -1,0 +1,55 @@
+"""High-level one-call functions that tie the flow's steps together (used by the CLI too)."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from torch import nn
+
+from flowprune.data import DataSplits, make_loader
+from flowprune.io import save
+from flowprune.measure import accuracy, count_macs_params, speed_report
+from flowprune.models import build_model
+from flowprune.report import write_results
+from flowprune.train import TrainConfig, fit
+
+
+def train_model(model: str | nn.Module, data: DataSplits, config: TrainConfig | None = None, *,
+                out_dir: str | os.PathLike | None = None, resume: bool = True, measure_speed: bool = True,
+                progress: bool | None = None, model_kwargs: dict | None = None) -> dict:
+    """Build (or take) a model, train it on ``data``, measure it, and save it to ``out_dir``.
+
+    Returns the results dict (also written to ``out_dir/results.json``): ``accuracy`` (test),
+    ``val_accuracy``, ``macs``, ``params``, ``epochs``, ``seed``, timings, and the history. The
+    trained model is under the key ``"model"`` (not written to JSON).
+    """
+    cfg = (config or TrainConfig()).validate()
+    if isinstance(model, str):
+        import torch
+
+        torch.manual_seed(cfg.seed)
+        net = build_model(model, data.input_shape, data.num_classes, **(model_kwargs or {}))
+        name = model
+    else:
+        net, name = model, getattr(model, "flowprune_base", {}).get("name", type(model).__name__)
+    t0 = time.perf_counter()
+    history = fit(net, data, cfg, checkpoint_dir=out_dir, resume=resume, progress=progress)
+    train_seconds = time.perf_counter() - t0
+    test = make_loader(data.test, 512)
+    macs, params = count_macs_params(net, data.input_shape)
+    res = {"model_name": name, "data": data.name, "accuracy": accuracy(net, test),
+           "val_accuracy": accuracy(net, make_loader(data.val, 512)) if len(data.val) else None,
+           "macs": macs, "params": params, "epochs": cfg.epochs, "seed": cfg.seed,
+           "train_seconds": train_seconds, "config": asdict(cfg), "splits": data.sizes(),
+           "history": history["epochs"]}
+    if measure_speed:
+        res.update(speed_report(net, data.input_shape))
+    if out_dir is not None:
+        save(net, out_dir, metadata={"stage": "dense", "data": data.name, "accuracy": res["accuracy"],
+                                     "seed": cfg.seed})
+        write_results(Path(out_dir) / "results.json", res)
+    res["model"] = net
+    return res
