@@ -2,7 +2,8 @@
 
 * MACs and parameters come from Torch-Pruning's counter (``tp.utils.count_ops_and_params``),
   not a hand-written one. Its convention: multiply-accumulates per sample, with bias additions
-  counted (a ``Linear(784, 300)`` is 784*300 + 300 = 235,500 MACs).
+  and one op per activation output counted (a ``Linear(784, 300)`` is 784*300 + 300 = 235,500
+  MACs; a following ReLU adds 300).
 * Latency is the median wall time of one forward at a batch size after warm-up; throughput is
   samples per second at a batch size, from the median batch time. Timings on a shared machine
   vary: compare models as ratios measured in the same process, and report medians.

@@ -1,0 +1,61 @@
+"""``flowprune route``: put a light and a heavy expert behind a calibrated router, measure, save."""
+
+from __future__ import annotations
+
+import argparse
+
+from flowprune.commands._common import (
+    add_data_arguments,
+    check_data_fits_model,
+    check_out_dir,
+    load_data,
+    load_model_arg,
+)
+
+NAME = "route"
+HELP = "route inputs between a light (pruned) and a heavy (full) model with a calibrated threshold"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from flowprune.route.routers import ROUTERS
+
+    p.add_argument("--light", required=True, help="saved light expert (directory written by flowprune)")
+    p.add_argument("--heavy", required=True, help="saved heavy expert (directory written by flowprune)")
+    add_data_arguments(p)
+    p.add_argument("--router", default="confidence", choices=ROUTERS, help="routing signal (default confidence)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--heavy-budget", type=float, default=None,
+                   help="fraction of inputs sent to the heavy expert, in [0, 1] (default 0.5)")
+    g.add_argument("--max-drop", type=float, default=None,
+                   help="accuracy drop allowed versus the heavy expert on the val split, in [0, 1]")
+    p.add_argument("--tolerance", type=float, default=0.05,
+                   help="accepted standard error of the calibrated usage/accuracy (default 0.05)")
+    p.add_argument("--l1-direction", default="auto", choices=("auto", "low_is_hard", "high_is_hard"),
+                   help="l1 router: which feature-norm direction means hard (auto: chosen on val)")
+    p.add_argument("--no-speed", action="store_true", help="skip latency/throughput/overhead measurement")
+    p.add_argument("--no-sweep", action="store_true", help="skip the threshold sweep (Pareto curve)")
+    p.add_argument("--no-diagnostic", action="store_true", help="skip the AGF signal-compression diagnostic")
+    p.add_argument("--out", required=True, help="output directory (results.json, pareto.png, cascade/)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from flowprune.report import format_table
+    from flowprune.route.api import route_experts
+
+    out = check_out_dir(args.out)
+    light = load_model_arg(args.light, "--light")
+    heavy = load_model_arg(args.heavy, "--heavy")
+    data = load_data(args)
+    check_data_fits_model(light, data, "--light")
+    check_data_fits_model(heavy, data, "--heavy")
+    rk = {"direction": args.l1_direction} if args.router == "l1" else {}
+    res = route_experts(light, heavy, data, router=args.router, heavy_budget=args.heavy_budget,
+                        max_drop=args.max_drop, tolerance=args.tolerance, router_kwargs=rk, out_dir=out,
+                        measure=not args.no_speed, sweep=not args.no_sweep, diagnostic=not args.no_diagnostic,
+                        seed=args.seed)
+    s = res.summary()
+    rows = [{k: (100 * v if k.endswith("_acc") or k in ("heavy_usage",) or k.startswith("random_acc") else v)
+             for k, v in s.items()}]
+    print(format_table(rows, title="routed (accuracies and heavy usage in %)"))
+    print(f"saved to {out}/ (results.json, pareto.png, cascade/ -> flowprune.route.load_cascade)")
+    return 0

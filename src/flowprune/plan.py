@@ -1,0 +1,369 @@
+"""Budgets: which units to remove, given scores. Per-layer top-k, global ranking, MACs targets.
+
+:func:`plan_cuts` turns ``{unit.name: scores}`` into ``{unit.name: indices to remove}``:
+
+* ``budget="layer"`` (default, the AGF paper's procedure): every unit keeps its top-k, with k
+  from a width (``width=k``, or a dict per unit name) or a ratio (k = round(size * (1 - ratio))).
+* ``budget="global"``: one ranking over all units of the *normalised* scores. Raw scores are not
+  comparable across layers, so each score is divided by a block statistic first
+  (``normalize``): ``"unit"`` -- the mean score of its own unit (default; "U_c / mean U over its
+  block" with the unit as the block), ``"block"`` -- the mean over every unit whose root shares the
+  same parent module (a residual block, a transformer block), ``"none"`` -- raw scores.
+* ``target_macs=R`` (a reduction factor, 4.0 = 4x fewer MACs): a search over the budget's own
+  knob (the uniform ratio for ``layer``, the global fraction for ``global``) by bisection on an
+  exact MACs model (per-layer MACs from Torch-Pruning's counter, scaled by the kept fraction of
+  each layer's input and output channels). A uniform ratio moves in jumps on small nets, so when
+  the bisection lands more than 3% from the target the plan is refined greedily: the lowest
+  normalised channels anywhere are removed one (or ``round_to``) at a time until the target is
+  met. The result says what it reached (``plan.reduction``, ``plan.within_tolerance``,
+  ``plan.note``). A target beyond what every unit at ``min_width`` gives raises
+  :class:`FlowpruneError` before any work.
+
+Every unit keeps at least ``min(min_width, size)`` units; kept widths are multiples of
+``round_to`` where the unit is at least that wide.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from flowprune.errors import FlowpruneError, bad_choice, check_fraction, check_positive_int
+
+BUDGETS = ("layer", "global")
+NORMALIZE = ("unit", "block", "none")
+TOLERANCE = 0.03
+
+
+class CutPlan(dict):
+    """``{unit name: LongTensor of indices to remove}`` plus what the plan reaches.
+
+    Attributes: ``widths`` (kept width per unit), ``macs_before``, ``macs_after`` (exact MACs
+    model), ``reduction`` (macs_before / macs_after), ``target`` (the requested reduction or
+    None), ``within_tolerance`` (|reduction / target - 1| <= 3%), ``note`` (a sentence on how
+    the target was reached or why not).
+    """
+
+    widths: dict[str, int]
+    macs_before: int
+    macs_after: int
+    reduction: float
+    target: float | None
+    within_tolerance: bool
+    note: str
+
+    def summary(self) -> dict:
+        return {"widths": dict(self.widths), "macs_before": self.macs_before, "macs_after": self.macs_after,
+                "reduction": self.reduction, "target": self.target, "within_tolerance": self.within_tolerance,
+                "note": self.note}
+
+
+def parse_target(value) -> float:
+    """A MACs reduction factor from ``4``, ``4.0``, ``"4x"`` or ``"4"``; must be > 1."""
+    v = value
+    if isinstance(v, str):
+        s = v.strip().lower().rstrip("x")
+        try:
+            v = float(s)
+        except ValueError:
+            raise FlowpruneError(f"target_macs must be a reduction factor such as 4 or '4x', got {value!r}") from None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 1.0:
+        raise FlowpruneError(f"target_macs must be a reduction factor > 1 (e.g. 4.0 = 4x fewer MACs), got {value!r}")
+    return float(v)
+
+
+class MacsModel:
+    """Exact per-sample MACs of the model as a function of each unit's kept width.
+
+    MACs of every leaf layer come from Torch-Pruning's counter once; a layer's MACs scale with
+    the kept fraction of its output channels (if a unit cuts them) times the kept fraction of its
+    input channels (if a unit cuts them; not for depthwise convs, whose cost is per channel).
+    """
+
+    def __init__(self, model: nn.Module, units: Sequence, example_inputs: torch.Tensor):
+        import torch_pruning as tp
+
+        from flowprune.measure import eval_mode
+
+        x = example_inputs[:1]
+        with eval_mode(model), torch.no_grad():
+            total, _params, layer_macs, _ = tp.utils.count_ops_and_params(model, x, layer_wise=True)
+        self.total = float(total)
+        names = {m: n for n, m in model.named_modules()}
+        counted = {m for m, v in layer_macs.items() if v and m in names}
+        # the deepest counted modules (Torch-Pruning counts an attention module as a whole)
+        leaf = {names[m]: float(layer_macs[m]) for m in counted
+                if not any(c in counted for c in m.modules() if c is not m)}
+        self.sizes = {u.name: int(u.size) for u in units}
+        out_of: dict[str, str] = {}
+        in_of: dict[str, str] = {}
+        mods = dict(model.named_modules())
+        for u in units:
+            if u.kind == "head":
+                out_of.setdefault(u.name, u.name)  # the attention module as a whole scales with its heads
+            for m in u.producers + u.norms:
+                out_of.setdefault(m.module_name, u.name)
+            for m in u.consumers:
+                mod = mods.get(m.module_name)
+                depthwise = isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1 and mod.groups == mod.in_channels
+                if not depthwise:
+                    in_of.setdefault(m.module_name, u.name)
+        self.terms = [(v, out_of.get(n), in_of.get(n)) for n, v in leaf.items() if n in out_of or n in in_of]
+        self.rest = self.total - sum(v for v, _, _ in self.terms)
+
+    def macs(self, widths: Mapping[str, int]) -> float:
+        def f(name):
+            if name is None:
+                return 1.0
+            return widths.get(name, self.sizes[name]) / self.sizes[name]
+        return self.rest + sum(v * f(o) * f(i) for v, o, i in self.terms)
+
+
+def _round_width(k: float, size: int, min_width: int, round_to: int) -> int:
+    k = int(round(k))
+    if round_to > 1 and size >= round_to:
+        k = max(round_to, int(round(k / round_to)) * round_to)
+    return int(min(size, max(min(min_width, size), k)))
+
+
+def normalised(units: Sequence, scores: Mapping[str, torch.Tensor], mode: str) -> dict[str, torch.Tensor]:
+    """Scores divided by their block statistic (see the module docstring)."""
+    out = {}
+    if mode == "none":
+        return {u.name: scores[u.name].double() for u in units}
+    if mode == "unit":
+        for u in units:
+            s = scores[u.name].double()
+            m = s.abs().mean()
+            out[u.name] = s / m if m > 0 else s
+        return out
+    blocks: dict[str, list[torch.Tensor]] = {}
+    for u in units:
+        blocks.setdefault(u.block, []).append(scores[u.name].double())
+    mean = {b: torch.cat(v).abs().mean() for b, v in blocks.items()}
+    for u in units:
+        m = mean[u.block]
+        out[u.name] = scores[u.name].double() / m if m > 0 else scores[u.name].double()
+    return out
+
+
+def _layer_widths(units, ratio: float, min_width: int, round_to: int) -> dict[str, int]:
+    return {u.name: _round_width(u.size * (1.0 - ratio), u.size, min_width, round_to) for u in units}
+
+
+def _global_widths(units, norm: Mapping[str, torch.Tensor], ratio: float, min_width: int,
+                   round_to: int) -> dict[str, int]:
+    total = sum(u.size for u in units)
+    n_remove = int(round(ratio * total))
+    cand = []
+    for u in units:
+        s, _ = torch.sort(norm[u.name])  # ascending: removable first
+        floor = min(min_width, u.size)
+        for j in range(u.size - floor):
+            cand.append((float(s[j]), u.name))
+    cand.sort(key=lambda t: t[0])
+    removed: dict[str, int] = {u.name: 0 for u in units}
+    for _, n in cand[:n_remove]:
+        removed[n] += 1
+    return {u.name: _round_width(u.size - removed[u.name], u.size, min_width, round_to) for u in units}
+
+
+def check_budget_args(ratio, width, target_macs, budget, min_width, round_to, normalize="unit"):
+    """Validate the budget arguments of :func:`plan_cuts` (raises FlowpruneError)."""
+    given = [n for n, v in (("ratio", ratio), ("width", width), ("target_macs", target_macs)) if v is not None]
+    if len(given) != 1:
+        raise FlowpruneError(f"give exactly one of ratio, width, target_macs (got {', '.join(given) or 'none'})")
+    if ratio is not None:
+        check_fraction("ratio", ratio)
+    if width is not None and not isinstance(width, Mapping):
+        check_positive_int("width", width)
+    if target_macs is not None:
+        target_macs = parse_target(target_macs)
+    if budget not in BUDGETS:
+        raise bad_choice("budget", budget, BUDGETS)
+    if normalize not in NORMALIZE:
+        raise bad_choice("normalize", normalize, NORMALIZE)
+    check_positive_int("min_width", min_width)
+    check_positive_int("round_to", round_to)
+    if width is not None and budget == "global":
+        raise FlowpruneError("width=k is a per-layer budget; use budget='layer' (or ratio/target_macs with 'global')")
+    return target_macs
+
+
+def max_reduction(macs_model: MacsModel, units, min_width: int = 1, round_to: int = 1) -> float:
+    """The largest MACs reduction reachable with every unit at its minimum width."""
+    w = {u.name: _round_width(0, u.size, min_width, round_to) for u in units}
+    return macs_model.total / max(macs_model.macs(w), 1e-9)
+
+
+def plan_cuts(model: nn.Module, units: Sequence, scores: Mapping[str, torch.Tensor], *,
+              example_inputs: torch.Tensor, ratio: float | None = None, width: int | Mapping[str, int] | None = None,
+              target_macs: float | str | None = None, budget: str = "layer", min_width: int = 1, round_to: int = 1,
+              normalize: str = "unit", macs_model: MacsModel | None = None, verify: bool = True) -> CutPlan:
+    """Indices to remove per unit (see the module docstring).
+
+    Args:
+        model: the model the units were found on (read only; used for MACs counting).
+        units: from :func:`flowprune.units.find_units`.
+        scores: ``{unit.name: Tensor(unit.size)}``, higher = keep.
+        example_inputs: one input batch (MACs are per sample).
+        ratio: fraction of each unit's width to remove (layer) or of all units (global), in [0, 1).
+        width: kept width per unit (int for all, or ``{name: k}``); layer budget only.
+        target_macs: MACs reduction factor (> 1; ``"4x"`` accepted).
+        budget: ``layer`` | ``global``.
+        min_width: no unit goes below this width.
+        round_to: kept widths are multiples of this.
+        normalize: global ranking normalisation: ``unit`` | ``block`` | ``none``.
+        macs_model: a :class:`MacsModel` of ``model`` to reuse.
+        verify: with ``target_macs``, cut a copy and count its MACs with Torch-Pruning's counter,
+            correcting the search if the MACs model was off by more than 3% (up to 3 times).
+
+    Returns:
+        a :class:`CutPlan` (a dict name -> sorted LongTensor of indices to remove).
+    """
+    target = check_budget_args(ratio, width, target_macs, budget, min_width, round_to, normalize)
+    units = list(units)
+    for u in units:
+        if u.name not in scores:
+            raise FlowpruneError(f"no score for unit {u.name!r}; the scores must cover every unit")
+        if tuple(scores[u.name].shape) != (u.size,):
+            raise FlowpruneError(f"score of unit {u.name!r} has shape {tuple(scores[u.name].shape)}, expected ({u.size},)")
+    if isinstance(width, Mapping):
+        names = {u.name for u in units}
+        bad = sorted(set(width) - names)
+        if bad:
+            raise FlowpruneError(f"width given for unknown unit(s) {bad}; units are: {', '.join(sorted(names))}")
+        for k, v in width.items():
+            check_positive_int(f"width[{k!r}]", v)
+    mm = macs_model or MacsModel(model, units, example_inputs)
+    norm = normalised(units, scores, normalize)
+    note = ""
+    measured = None
+    if target is not None:
+        reach = max_reduction(mm, units, min_width, round_to)
+        if reach * (1 + TOLERANCE) < target:
+            raise FlowpruneError(f"target_macs {target:g}x cannot be reached: with every unit at min_width={min_width} "
+                                 f"the model has {reach:.2f}x fewer MACs at most; allowed: 1 < target_macs <= "
+                                 f"{reach:.2f}")
+
+        def widths_at(r: float) -> dict[str, int]:
+            if budget == "layer":
+                return _layer_widths(units, r, min_width, round_to)
+            return _global_widths(units, norm, r, min_width, round_to)
+
+        def red(w) -> float:
+            return mm.total / max(mm.macs(w), 1e-9)
+
+        def search(t: float) -> tuple[dict[str, int], str]:
+            lo, hi = 0.0, 1.0 - 1e-9
+            w_hi = widths_at(hi)
+            for _ in range(40):
+                mid = (lo + hi) / 2
+                w = widths_at(mid)
+                if red(w) >= t:
+                    hi, w_hi = mid, w
+                else:
+                    lo = mid
+            w_lo = widths_at(lo)
+            best = min((w_lo, w_hi), key=lambda w: abs(red(w) / t - 1))
+            if abs(red(best) / t - 1) <= TOLERANCE / 3:
+                return best, f"{budget} budget search"
+            refined = _greedy_refine(units, norm, dict(w_lo), mm, t, min_width, round_to)
+            cand = min((refined, w_hi), key=lambda w: abs(red(w) / t - 1))
+            how = ("refined per unit by the lowest normalised scores" if cand is refined
+                   else "kept the nearest knob setting")
+            return cand, (f"{budget} budget: the uniform knob jumps from {red(w_lo):.3f}x to {red(w_hi):.3f}x; {how}")
+
+        # The MACs model is exact for conv/linear/norm layers; layers it cannot scale (activations,
+        # attention internals counted as a whole) are checked by a real cut + count and corrected.
+        t_est = target
+        widths, how = search(t_est)
+        measured = None
+        if verify:
+            for _ in range(3):
+                measured = _measure_reduction(model, units, scores, widths, example_inputs)
+                if abs(measured / target - 1) <= TOLERANCE:
+                    break
+                t_est = min(t_est * target / measured, reach)
+                widths, how = search(t_est)
+            measured = _measure_reduction(model, units, scores, widths, example_inputs)
+        note = f"{how}: {measured if measured is not None else red(widths):.3f}x for target {target:g}x"
+    elif width is not None:
+        if isinstance(width, Mapping):
+            widths = {u.name: _round_width(min(width.get(u.name, u.size), u.size), u.size, min_width, round_to)
+                      for u in units}
+        else:
+            widths = {u.name: _round_width(min(width, u.size), u.size, min_width, round_to) for u in units}
+    elif budget == "layer":
+        widths = _layer_widths(units, float(ratio), min_width, round_to)
+    else:
+        widths = _global_widths(units, norm, float(ratio), min_width, round_to)
+    plan = CutPlan()
+    for u in units:
+        k = widths[u.name]
+        order = torch.argsort(scores[u.name].double(), stable=True)  # ascending
+        plan[u.name] = torch.sort(order[: u.size - k]).values.long()
+    plan.widths = dict(widths)
+    plan.macs_before = int(round(mm.total))
+    plan.macs_after = int(round(mm.macs(widths)))
+    plan.reduction = mm.total / max(mm.macs(widths), 1e-9)
+    if target is not None and measured is not None:
+        plan.reduction = float(measured)
+        plan.macs_after = int(round(mm.total / measured))
+    plan.target = target
+    plan.within_tolerance = target is None or abs(plan.reduction / target - 1) <= TOLERANCE
+    if target is not None and not plan.within_tolerance:
+        note += f"; NOT within 3% of {target:g}x (nearest reachable point)"
+    plan.note = note
+    return plan
+
+
+def _greedy_refine(units, norm, widths: dict[str, int], mm: MacsModel, target: float, min_width: int,
+                   round_to: int) -> dict[str, int]:
+    """From ``widths`` (below target), remove the lowest normalised channels until the target is met."""
+    sizes = {u.name: u.size for u in units}
+    step = {u.name: (round_to if (round_to > 1 and u.size >= round_to) else 1) for u in units}
+    floor = {u.name: _round_width(0, u.size, min_width, round_to) for u in units}
+    sorted_scores = {u.name: torch.sort(norm[u.name]).values for u in units}
+    w = dict(widths)
+    for _ in range(sum(sizes.values())):
+        if mm.total / max(mm.macs(w), 1e-9) >= target:
+            break
+        best, best_val = None, None
+        for n in w:
+            if w[n] - step[n] < floor[n]:
+                continue
+            removed = sizes[n] - w[n]
+            # next channels to remove from this unit: the lowest still kept
+            val = float(sorted_scores[n][removed: removed + step[n]].sum())
+            saving = mm.macs(w) - mm.macs({**w, n: w[n] - step[n]})
+            val = val / max(saving, 1e-9)  # score lost per MAC saved
+            if best_val is None or val < best_val:
+                best, best_val = n, val
+        if best is None:
+            break
+        w[best] -= step[best]
+    return w
+
+
+def _measure_reduction(model, units, scores, widths, example_inputs) -> float:
+    """Real MACs reduction of cutting ``model`` to ``widths`` (Torch-Pruning's counter on a cut copy)."""
+    import torch_pruning as tp
+
+    from flowprune.measure import eval_mode
+    from flowprune.pruning.structural import apply_cuts
+
+    cuts = {}
+    for u in units:
+        order = torch.argsort(scores[u.name].double(), stable=True)
+        cuts[u.name] = order[: u.size - widths[u.name]]
+    x = example_inputs[:1]
+    new = apply_cuts(model, cuts, example_inputs=x)
+    with eval_mode(model), torch.no_grad():
+        before = tp.utils.count_ops_and_params(model, x)[0]
+    with eval_mode(new), torch.no_grad():
+        after = tp.utils.count_ops_and_params(new, x)[0]
+    return float(before) / max(float(after), 1e-9)

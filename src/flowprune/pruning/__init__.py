@@ -1,0 +1,1 @@
+"""Pruning procedures: structural (AGF and baselines), IDAP++ and layer removal, Hyperflows."""

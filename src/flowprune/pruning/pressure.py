@@ -1,0 +1,163 @@
+"""The Hyperflows pressure scheduler and the pressure -> sparsity law (METHODS.md §4).
+
+Trajectory: ``R(e) = prod_{k=1..e} r_k`` with ``r_k = s0 + (0.999 - s0) * sigmoid((6/T) * (k - T/2))``;
+``s0`` is found by bisection so that ``R(T)`` equals the target remaining fraction. Early epochs
+therefore prune fast and late ones slowly. ``e`` may be fractional (the product is interpolated
+geometrically inside an epoch) so the scheduler can also be stepped several times per epoch.
+
+Controller (the paper gives "raise gamma when above the trajectory, lower it when below, with an
+inertia term", not the exact rule; ours, documented): in log space,
+``err = ln(remaining / R(e))``, ``v <- inertia * v + gain * err``, ``ln gamma <- ln gamma + v``,
+with gamma clipped to ``[gamma_min, gamma_max]``. ``gain=0.5`` and ``inertia=0.0`` by default
+(see :mod:`flowprune.pruning.hyperflows` for the measurement behind these).
+
+Law: under a constant pressure the final remaining fraction follows ``S(gamma) = c * gamma^(-a)``;
+:func:`fit_power_law` fits it (and the log-quadratic form ``S = c * exp(-(a0 ln g + a1 ln^2 g))``)
+by linear least squares in log space and reports R^2 of ``ln S``. :func:`gamma_for_remaining`
+inverts a fit to seed the scheduler's initial gamma.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from flowprune.errors import FlowpruneError
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def trajectory_ratio(k: float, s0: float, total: int, top: float = 0.999) -> float:
+    """``r_k``: the fraction of the remaining weights an epoch ``k`` keeps."""
+    return s0 + (top - s0) * _sigmoid((6.0 / total) * (k - total / 2.0))
+
+
+def trajectory(e: float, s0: float, total: int, top: float = 0.999) -> float:
+    """``R(e)``; fractional ``e`` interpolates the last epoch geometrically."""
+    e = max(0.0, min(float(e), float(total)))
+    whole = int(math.floor(e))
+    r = 1.0
+    for k in range(1, whole + 1):
+        r *= trajectory_ratio(k, s0, total, top)
+    frac = e - whole
+    if frac > 0:
+        r *= trajectory_ratio(whole + 1, s0, total, top) ** frac
+    return r
+
+
+def solve_s0(target_remaining: float, total: int, top: float = 0.999, iters: int = 100) -> float:
+    """Bisection for ``s0`` in ``[0, top]`` with ``R(total) = target_remaining``."""
+    if not 0 < target_remaining < 1:
+        raise FlowpruneError(f"target remaining fraction must lie in (0, 1), got {target_remaining!r}")
+    if trajectory(total, 0.0, total, top) > target_remaining:
+        raise FlowpruneError(f"a target of {target_remaining:.3g} remaining is unreachable in {total} epochs "
+                             "with the sigmoid trajectory; use more pruning epochs")
+    lo, hi = 0.0, top
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if trajectory(total, mid, total, top) > target_remaining:
+            hi = mid
+        else:
+            lo = mid
+    return 0.5 * (lo + hi)
+
+
+@dataclass
+class PressureScheduler:
+    """Steers gamma so the remaining fraction follows ``R(e)`` (see the module docstring).
+
+    State (``gamma``, ``velocity``, ``history``) is JSON-safe: :meth:`state_dict` /
+    :meth:`load_state_dict` let a run resume exactly.
+    """
+
+    target_remaining: float
+    epochs: int
+    gamma: float = 1.0
+    inertia: float = 0.0
+    gain: float = 0.5
+    gamma_min: float = 1e-4
+    gamma_max: float = 1e8
+    velocity: float = 0.0
+
+    def __post_init__(self):
+        if not (isinstance(self.epochs, int) and self.epochs > 0):
+            raise FlowpruneError(f"pruning epochs must be a positive integer, got {self.epochs!r}")
+        if not (self.gamma > 0 and math.isfinite(self.gamma)):
+            raise FlowpruneError(f"initial pressure gamma must be a positive number, got {self.gamma!r}")
+        if not 0 <= self.inertia < 1:
+            raise FlowpruneError(f"inertia must lie in [0, 1), got {self.inertia!r}")
+        self.s0 = solve_s0(self.target_remaining, self.epochs)
+        self.history: list[dict] = []
+
+    def expected(self, e: float) -> float:
+        return trajectory(e, self.s0, self.epochs)
+
+    def step(self, e: float, remaining: float) -> float:
+        """Update gamma after (fractional) epoch ``e`` given the measured remaining fraction."""
+        exp_r = self.expected(e)
+        err = math.log(max(remaining, 1e-12) / exp_r)
+        self.velocity = self.inertia * self.velocity + self.gain * err
+        g = math.log(self.gamma) + self.velocity
+        g = min(max(g, math.log(self.gamma_min)), math.log(self.gamma_max))
+        self.gamma = math.exp(g)
+        self.history.append({"epoch": e, "remaining": remaining, "expected": exp_r, "gamma": self.gamma})
+        return self.gamma
+
+    def state_dict(self) -> dict:
+        return {**asdict(self), "history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gamma = float(state["gamma"])
+        self.velocity = float(state["velocity"])
+        self.history = list(state.get("history", []))
+
+
+def fit_power_law(gammas: Sequence[float], remaining: Sequence[float]) -> dict:
+    """Fit ``S = c * gamma^(-a)`` and ``S = c * exp(-(a0 ln g + a1 ln^2 g))`` in log space.
+
+    Args:
+        gammas: constant pressures (> 0).
+        remaining: final remaining fractions in (0, 1] measured under them.
+
+    Returns:
+        ``{"power": {"c", "a", "r2"}, "log_quadratic": {"c", "a0", "a1", "r2"}, "n"}``; R^2 is of
+        ``ln S`` (the quantity fitted).
+    """
+    g = np.asarray(gammas, dtype=float)
+    s = np.asarray(remaining, dtype=float)
+    if g.shape != s.shape or g.size < 2:
+        raise FlowpruneError(f"need at least two (gamma, remaining) pairs of equal length, got {g.size} and {s.size}")
+    if np.any(g <= 0) or np.any(s <= 0):
+        raise FlowpruneError("pressures and remaining fractions must be positive to fit a power law")
+    lg, ls = np.log(g), np.log(s)
+    ss_tot = float(np.sum((ls - ls.mean()) ** 2))
+
+    def r2(pred: np.ndarray) -> float:
+        ss = float(np.sum((ls - pred) ** 2))
+        return 1.0 - ss / ss_tot if ss_tot > 0 else 1.0
+
+    a_mat = np.stack([np.ones_like(lg), -lg], 1)
+    (lc, a), *_ = np.linalg.lstsq(a_mat, ls, rcond=None)
+    out = {"n": int(g.size), "power": {"c": float(np.exp(lc)), "a": float(a), "r2": r2(a_mat @ np.array([lc, a]))}}
+    if g.size >= 3:
+        q_mat = np.stack([np.ones_like(lg), -lg, -lg ** 2], 1)
+        coef, *_ = np.linalg.lstsq(q_mat, ls, rcond=None)
+        out["log_quadratic"] = {"c": float(np.exp(coef[0])), "a0": float(coef[1]), "a1": float(coef[2]),
+                                "r2": r2(q_mat @ coef)}
+    return out
+
+
+def gamma_for_remaining(fit: dict, remaining: float) -> float:
+    """Invert the power-law fit: the constant gamma predicted to leave ``remaining`` of the weights."""
+    if not 0 < remaining <= 1:
+        raise FlowpruneError(f"remaining fraction must lie in (0, 1], got {remaining!r}")
+    p = fit["power"] if "power" in fit else fit
+    c, a = float(p["c"]), float(p["a"])
+    if a <= 0:
+        raise FlowpruneError(f"the fitted exponent a={a:.3g} is not positive; the sweep shows no pressure law")
+    return float((c / remaining) ** (1.0 / a))

@@ -1,0 +1,250 @@
+"""Unstructured sparsity after pruning: bake masks, save compactly, run with sparse kernels.
+
+* :func:`bake` removes every weight parametrization (``remove_parametrizations(...,
+  leave_parametrized=True)``), so the masked product ``w * mask`` becomes the plain weight: a
+  normal dense model with exact zeros, identical outputs.
+* :func:`save_sparse` / :func:`load_sparse`: weights with at least ``min_sparsity`` zeros are
+  stored as CSR (``crow``/``col`` int32 indices + float values) of their 2-D view
+  ``(out, in * kernel)`` in ``DIR/model.sparse.safetensors``; everything else is stored dense in
+  the same file. ``DIR/model.json`` is the :mod:`flowprune.io` recipe with a ``sparse`` section
+  (shapes of the CSR tensors). Loading rebuilds the dense architecture and never unpickles.
+* :func:`to_sparse_execution` returns a copy where Linear and Conv2d (``groups == 1``) layers
+  with at least ``min_sparsity`` zeros run with ``torch.sparse`` CSR matmuls (MKL on x86 CPU
+  builds): Linear as ``W_csr @ x^T``, Conv2d as im2col (``F.unfold``) followed by
+  ``W_csr @ cols``. It is an inference-only runtime form (not a save format). Whether it is
+  faster than dense depends on sparsity, batch size and the CPU: measure with
+  ``benchmarks/bench_hyperflows.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from flowprune.errors import FlowpruneError, check_fraction
+
+SPARSE_WEIGHTS_FILE = "model.sparse.safetensors"
+_SEP = "::csr_"
+
+
+def bake(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Return ``model`` (a copy unless ``inplace``) with every parametrized weight replaced by its value.
+
+    For a masked model this multiplies the mask into the weight; pruned entries become exact
+    zeros and the module classes are the original ones again.
+    """
+    net = model if inplace else copy.deepcopy(model)
+    for m in list(net.modules()):
+        if parametrize.is_parametrized(m):
+            cls = m.__class__
+            # A deep copy shares the dynamic ``Parametrized<Cls>`` class with the original, and
+            # remove_parametrizations deletes the property from that class, which would break
+            # the original: give this module a private copy of the class first.
+            m.__class__ = type(cls.__name__, cls.__bases__,
+                               {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")})
+            for name in list(m.parametrizations.keys()):
+                parametrize.remove_parametrizations(m, name, leave_parametrized=True)
+    return net
+
+
+def zero_sparsity_report(model: nn.Module, *, include: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d,
+                                                                           nn.Conv3d)) -> dict:
+    """Share of exact zeros in the weights of ``include`` layers (a baked model): overall and per layer."""
+    layers, zeros, total = {}, 0, 0
+    for name, m in model.named_modules():
+        if isinstance(m, include) and getattr(m, "weight", None) is not None:
+            w = m.weight.detach()
+            z = int((w == 0).sum())
+            layers[name] = z / w.numel()
+            zeros += z
+            total += w.numel()
+    if total == 0:
+        raise FlowpruneError("the model has no Conv/Linear weight")
+    return {"sparsity": zeros / total, "zeros": zeros, "total": total, "layers": layers}
+
+
+def _to_csr(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    w2 = w.detach().cpu().reshape(w.shape[0], -1)
+    csr = w2.to_sparse_csr()
+    return {"crow": csr.crow_indices().to(torch.int32).contiguous(),
+            "col": csr.col_indices().to(torch.int32).contiguous(),
+            "val": csr.values().contiguous()}
+
+
+def save_sparse(model: nn.Module, path: str | os.PathLike, *, metadata: dict | None = None,
+                min_sparsity: float = 0.5) -> Path:
+    """Save a (baked or masked) model to directory ``path`` with sparse weights in CSR form.
+
+    Args:
+        min_sparsity: a 2-D+ weight is stored as CSR when at least this share of it is zero
+            (below ~50 % CSR with int32 indices is larger than dense float32).
+
+    Returns the directory. The files: ``model.sparse.safetensors`` and ``model.json``.
+    """
+    from safetensors.torch import save_file
+
+    from flowprune import io as fio
+
+    check_fraction("min_sparsity", min_sparsity, high_open=False)
+    net = bake(model) if any(parametrize.is_parametrized(m) for m in model.modules()) else model
+    base = getattr(net, "flowprune_base", None)
+    if base is None:
+        raise FlowpruneError("the model has no flowprune_base: build it with flowprune.build_model(...)")
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    sparse_info: dict[str, dict] = {}
+    dense_bytes = stored_bytes = 0
+    for k, v in net.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        dense_bytes += v.numel() * v.element_size()
+        if v.ndim >= 2 and v.is_floating_point() and v.numel() > 0 and float((v == 0).float().mean()) >= min_sparsity:
+            parts = _to_csr(v)
+            for p, t in parts.items():
+                tensors[f"{k}{_SEP}{p}"] = t
+                stored_bytes += t.numel() * t.element_size()
+            sparse_info[k] = {"shape": list(v.shape), "nnz": int(parts["val"].numel())}
+        else:
+            tensors[k] = v.clone()
+            stored_bytes += v.numel() * v.element_size()
+    recipe = {"format": fio.FORMAT, "format_version": fio.FORMAT_VERSION, "base": base,
+              "modules": fio.architecture_record(net),
+              "metadata": metadata if metadata is not None else getattr(net, "flowprune_metadata", {}),
+              "sparse": {"weights_file": SPARSE_WEIGHTS_FILE, "layout": "csr-int32", "tensors": sparse_info,
+                         "dense_bytes": dense_bytes, "stored_bytes": stored_bytes}}
+    try:
+        text = json.dumps(recipe, indent=1)
+    except TypeError as e:
+        raise FlowpruneError(f"metadata must be JSON-serialisable: {e}") from None
+    save_file(tensors, str(out / SPARSE_WEIGHTS_FILE), metadata={"format": "flowprune-sparse"})
+    tmp = out / "model.json.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, out / "model.json")
+    return out
+
+
+def load_sparse(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a model written by :func:`save_sparse` into its dense architecture (zeros restored)."""
+    from safetensors.torch import load_file
+
+    from flowprune import io as fio
+
+    d = Path(path)
+    if not (d / "model.json").exists() or not (d / SPARSE_WEIGHTS_FILE).exists():
+        raise FlowpruneError(f"{str(d)!r} is not a sparse flowprune model directory (needs model.json and "
+                             f"{SPARSE_WEIGHTS_FILE}, as written by flowprune.sparse.save_sparse)")
+    recipe = json.loads((d / "model.json").read_text())
+    if recipe.get("format") != fio.FORMAT or "sparse" not in recipe:
+        raise FlowpruneError(f"{d / 'model.json'} is not a sparse flowprune recipe")
+    raw = load_file(str(d / SPARSE_WEIGHTS_FILE), device="cpu")
+    tensors: dict[str, torch.Tensor] = {k: v for k, v in raw.items() if _SEP not in k}
+    for k, info in recipe["sparse"]["tensors"].items():
+        shape = tuple(info["shape"])
+        crow, col, val = (raw[f"{k}{_SEP}{p}"] for p in ("crow", "col", "val"))
+        rows = shape[0]
+        cols = 1
+        for s in shape[1:]:
+            cols *= s
+        csr = torch.sparse_csr_tensor(crow.to(torch.int64), col.to(torch.int64), val, size=(rows, cols))
+        tensors[k] = csr.to_dense().reshape(shape)
+    model = fio.rebuild(recipe, {k: tuple(v.shape) for k, v in tensors.items()})
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise FlowpruneError(f"{d}: weights do not fit the recipe (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    model.flowprune_base = recipe["base"]
+    model.flowprune_metadata = recipe.get("metadata", {})
+    return model.to(device).eval()
+
+
+def _csr(w2d: torch.Tensor) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        return w2d.detach().contiguous().to_sparse_csr()
+
+
+class SparseLinear(nn.Module):
+    """Inference-only Linear with a CSR weight: ``y = (W_csr @ x^T)^T + b``. Input ``(..., in)``."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight_csr = _csr(linear.weight.detach())
+        self.bias = None if linear.bias is None else linear.bias.detach().clone()
+        self.nnz = int(self.weight_csr.values().numel())
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        y = torch.sparse.mm(self.weight_csr, x2.t().contiguous()).t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+
+class SparseConv2d(nn.Module):
+    """Inference-only Conv2d (``groups=1``) as im2col + CSR matmul. Input ``(B, C, H, W)``."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise FlowpruneError("SparseConv2d supports groups=1, zero padding given as integers only")
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride = conv.kernel_size, conv.stride
+        self.padding, self.dilation = conv.padding, conv.dilation
+        self.weight_csr = _csr(conv.weight.detach().reshape(conv.out_channels, -1))
+        self.bias = None if conv.bias is None else conv.bias.detach().clone()
+        self.nnz = int(self.weight_csr.values().numel())
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        kh, kw = self.kernel_size
+        ho = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        wo = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
+        # (B, C*kh*kw, L) -> (C*kh*kw, B*L)
+        cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)
+        y = torch.sparse.mm(self.weight_csr, cols)  # (out, B*L)
+        y = y.reshape(self.out_channels, b, ho * wo).transpose(0, 1).reshape(b, self.out_channels, ho, wo)
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1, 1)
+        return y
+
+
+def to_sparse_execution(model: nn.Module, *, min_sparsity: float = 0.7, linear: bool = True,
+                        conv: bool = True) -> nn.Module:
+    """A copy of ``model`` (masks baked) with sparse-enough Linear/Conv2d layers on CSR kernels.
+
+    Layers with fewer than ``min_sparsity`` zeros stay dense. The copy is for inference
+    (eval mode, no gradients); ``model.sparse_layers`` lists the converted layers.
+    """
+    check_fraction("min_sparsity", min_sparsity, high_open=False)
+    net = bake(model)
+    converted = []
+    for name, m in list(net.named_modules()):
+        if not name:
+            continue
+        new = None
+        if linear and isinstance(m, nn.Linear):
+            if float((m.weight == 0).float().mean()) >= min_sparsity:
+                new = SparseLinear(m)
+        elif conv and isinstance(m, nn.Conv2d) and m.groups == 1 and not isinstance(m.padding, str) \
+                and m.padding_mode == "zeros":
+            if float((m.weight == 0).float().mean()) >= min_sparsity:
+                new = SparseConv2d(m)
+        if new is not None:
+            parent_name, _, child = name.rpartition(".")
+            parent = net.get_submodule(parent_name) if parent_name else net
+            setattr(parent, child, new)
+            converted.append(name)
+    net.sparse_layers = converted
+    return net.eval()
