@@ -12,6 +12,7 @@ from flowprune.errors import FlowpruneError  # noqa: E402
 from flowprune.io import load, save  # noqa: E402
 from flowprune.measure import accuracy, count_macs_params, latency, throughput  # noqa: E402
 from flowprune.models import build_model, list_models  # noqa: E402
+from flowprune.pruning.structural import prune  # noqa: E402
 from flowprune.train import fit  # noqa: E402
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "load",
     "load_dataset",
     "make_loader",
+    "prune",
     "save",
     "throughput",
 ]

@@ -69,6 +69,9 @@ TP_METHODS = ("tp-magnitude", "tp-l1", "tp-taylor", "tp-bn-scale", "tp-random")
 TP_MODES = ("auto", "uniform", "global")
 DEFAULT_METHODS = ("agf", "l1", "taylor", "wanda", "random", "tp-magnitude", "tp-taylor")
 STAGES = ("acc_raw", "acc_bn", "acc_ft")
+# the configuration entries that change a finished run (a resumed comparison must agree on these)
+RUN_KEYS = ("finetune_epochs", "finetune_lr", "finetune_batches", "calib_batches", "calib_batch_size",
+            "plan_options", "score_options", "tp_mode", "tol", "round_to", "data", "model")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -496,7 +499,23 @@ def compare(dense_model: nn.Module, data: DataSplits, methods: str | Sequence[st
               "scratch_from": scratch_from if do_scratch else None, "scratch_targets": s_targets,
               "scratch_seeds": s_seeds, "plan_options": plan_options or {}, "score_options": score_options or {},
               "tp_mode": tp_mode, "tol": tol, "round_to": round_to, "data": data.name, "model": base.get("name"),
-              "torch_pruning_version": _tp_version(), "torch_threads": torch.get_num_threads()}
+              "torch_pruning_version": _tp_version()}
+    dense = copy.deepcopy(dense_model).eval()
+    # reachability of every target, before any work: every unit at its minimum width
+    from flowprune.plan import MacsModel, max_reduction
+    from flowprune.units import find_units
+
+    example = torch.randn(1, *input_shape, device=next(dense.parameters()).device)
+    dense_units = find_units(copy.deepcopy(dense), example)
+    sizes = {u.name: int(u.size) for u in dense_units}
+    po = plan_options or {}
+    reach = max_reduction(MacsModel(dense, dense_units, example), dense_units, po.get("min_width", 1),
+                          po.get("round_to", 1))
+    too_far = [t for t in target_list if t > reach * (1 + tol)]
+    if too_far:
+        raise FlowpruneError(f"target(s) {', '.join(f'{t:g}x' for t in too_far)} cannot be reached: with every unit at "
+                             f"its minimum width the model has {reach:.2f}x fewer MACs at most; allowed: 1 < target "
+                             f"<= {reach:.2f}")
     run_dir = None
     if out is not None:
         if out.exists() and not out.is_dir():
@@ -506,21 +525,17 @@ def compare(dense_model: nn.Module, data: DataSplits, methods: str | Sequence[st
         cfg_path = out / "compare_config.json"
         if cfg_path.exists() and resume:
             old = json.loads(cfg_path.read_text())
-            if old != json.loads(json.dumps(config)):
+            now = json.loads(json.dumps(config))
+            # only what changes a finished run matters; methods, targets, seeds and scratch may grow
+            if any(old.get(k) != now.get(k) for k in RUN_KEYS):
                 raise FlowpruneError(f"{out} holds runs of another comparison config; use a fresh out dir or resume=False")
         cfg_path.write_text(json.dumps(config, indent=1))
 
-    dense = copy.deepcopy(dense_model).eval()
     test = make_loader(data.test, 512)
     dense_macs, dense_params = count_macs_params(dense, input_shape)
     dense_info = {"accuracy": accuracy(dense, test), "macs": dense_macs, "params": dense_params}
     if measure_speed:
         dense_info.update(_speed(dense, input_shape, speed_repeats, speed_batch))
-    sizes: dict[str, int] = {}
-    if any(not m.startswith("tp-") for m in method_list):
-        from flowprune.units import find_units
-
-        sizes = {u.name: int(u.size) for u in find_units(copy.deepcopy(dense), torch.randn(1, *input_shape))}
     tp_cache: dict = {}
     ft_cfg = TrainConfig(epochs=max(finetune_epochs, 1), lr=finetune_lr, batch_size=dense_cfg.batch_size,
                          weight_decay=dense_cfg.weight_decay, optimizer="sgd", augment=dense_cfg.augment)
@@ -629,8 +644,8 @@ def compare(dense_model: nn.Module, data: DataSplits, methods: str | Sequence[st
         scratch_summary.append({"target": target, "arch_from": scratch_from, "acc": m, "acc_std": s,
                                 "n": sum(r["target"] == target for r in scratch_rows), "epochs": s_epochs})
     table = render_markdown(config, dense_info, summary, jac_rows, scratch_summary, speed_batch)
-    result = {"config": config, "dense": dense_info, "runs": runs, "summary": summary, "jaccard": jac_rows,
-              "scratch": scratch_summary, "scratch_runs": scratch_rows, "table": table}
+    result = {"config": config, "torch_threads": torch.get_num_threads(), "dense": dense_info, "runs": runs,
+              "summary": summary, "jaccard": jac_rows, "scratch": scratch_summary, "scratch_runs": scratch_rows, "table": table}
     if out is not None:
         write_results(out / "results.json", result)
         (out / "compare.md").write_text(table + "\n")

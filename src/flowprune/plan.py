@@ -44,7 +44,8 @@ class CutPlan(dict):
     Attributes: ``widths`` (kept width per unit), ``macs_before``, ``macs_after`` (exact MACs
     model), ``reduction`` (macs_before / macs_after), ``target`` (the requested reduction or
     None), ``within_tolerance`` (|reduction / target - 1| <= 3%), ``note`` (a sentence on how
-    the target was reached or why not).
+    the target was reached or why not), ``cut_model`` (with a verified MACs target: the cut copy
+    that was counted, the same as ``apply_cuts(model, plan)``; else None).
     """
 
     widths: dict[str, int]
@@ -54,6 +55,7 @@ class CutPlan(dict):
     target: float | None
     within_tolerance: bool
     note: str
+    cut_model: nn.Module | None = None
 
     def summary(self) -> dict:
         return {"widths": dict(self.widths), "macs_before": self.macs_before, "macs_after": self.macs_after,
@@ -123,10 +125,13 @@ class MacsModel:
 
 
 def _round_width(k: float, size: int, min_width: int, round_to: int) -> int:
-    k = int(round(k))
+    floor = min(min_width, size)
+    k = max(floor, int(round(k)))
     if round_to > 1 and size >= round_to:
         k = max(round_to, int(round(k / round_to)) * round_to)
-    return int(min(size, max(min(min_width, size), k)))
+        if k < floor:
+            k = math.ceil(floor / round_to) * round_to
+    return int(min(size, k))
 
 
 def normalised(units: Sequence, scores: Mapping[str, torch.Tensor], mode: str) -> dict[str, torch.Tensor]:
@@ -242,6 +247,7 @@ def plan_cuts(model: nn.Module, units: Sequence, scores: Mapping[str, torch.Tens
     norm = normalised(units, scores, normalize)
     note = ""
     measured = None
+    cut_model = None
     if target is not None:
         reach = max_reduction(mm, units, min_width, round_to)
         if reach * (1 + TOLERANCE) < target:
@@ -283,13 +289,18 @@ def plan_cuts(model: nn.Module, units: Sequence, scores: Mapping[str, torch.Tens
         widths, how = search(t_est)
         measured = None
         if verify:
+            measured = _measure_reduction(model, units, scores, widths, example_inputs)
+            tries = [(abs(measured / target - 1), widths, how, measured)]
             for _ in range(3):
-                measured = _measure_reduction(model, units, scores, widths, example_inputs)
                 if abs(measured / target - 1) <= TOLERANCE:
                     break
                 t_est = min(t_est * target / measured, reach)
                 widths, how = search(t_est)
-            measured = _measure_reduction(model, units, scores, widths, example_inputs)
+                measured = _measure_reduction(model, units, scores, widths, example_inputs)
+                tries.append((abs(measured / target - 1), widths, how, measured))
+            _, widths, how, measured = min(tries, key=lambda t: t[0])
+            cut_model = _LAST_CUT.get(id(widths))
+            _LAST_CUT.clear()
         note = f"{how}: {measured if measured is not None else red(widths):.3f}x for target {target:g}x"
     elif width is not None:
         if isinstance(width, Mapping):
@@ -314,6 +325,7 @@ def plan_cuts(model: nn.Module, units: Sequence, scores: Mapping[str, torch.Tens
         plan.reduction = float(measured)
         plan.macs_after = int(round(mm.total / measured))
     plan.target = target
+    plan.cut_model = cut_model
     plan.within_tolerance = target is None or abs(plan.reduction / target - 1) <= TOLERANCE
     if target is not None and not plan.within_tolerance:
         note += f"; NOT within 3% of {target:g}x (nearest reachable point)"
@@ -350,7 +362,10 @@ def _greedy_refine(units, norm, widths: dict[str, int], mm: MacsModel, target: f
 
 
 def _measure_reduction(model, units, scores, widths, example_inputs) -> float:
-    """Real MACs reduction of cutting ``model`` to ``widths`` (Torch-Pruning's counter on a cut copy)."""
+    """Real MACs reduction of cutting ``model`` to ``widths`` (Torch-Pruning's counter on a cut copy).
+
+    The cut copy is kept in ``_LAST_CUT`` so :func:`plan_cuts` can hand it on (no second surgery).
+    """
     import torch_pruning as tp
 
     from flowprune.measure import eval_mode
@@ -366,4 +381,8 @@ def _measure_reduction(model, units, scores, widths, example_inputs) -> float:
         before = tp.utils.count_ops_and_params(model, x)[0]
     with eval_mode(new), torch.no_grad():
         after = tp.utils.count_ops_and_params(new, x)[0]
+    _LAST_CUT[id(widths)] = new
     return float(before) / max(float(after), 1e-9)
+
+
+_LAST_CUT: dict[int, nn.Module] = {}

@@ -292,15 +292,23 @@ def analyse(model: nn.Module, example_inputs: torch.Tensor, *, kinds: Sequence[s
             if any(c.module_name in attn_inner or c.module_name.endswith(".proj") and
                    c.module_name.rpartition(".")[0] in attn_names for c in consumers):
                 continue
+            # Name the unit after its first member in module order, re-rooting the group there, when
+            # that member carries every channel of the group one to one (residual streams); across a
+            # concatenation no single member does, and the group keeps Torch-Pruning's root.
+            tp_root = group[0].dep.target.module
+            group_size = len(group[0].idxs)
             root_name = min(names_out, key=lambda n: order[n])
+            first = next(p for p in producers if p.module_name == root_name)
+            pr = dg.get_pruner_of_module(named[root_name])
+            if len(first.idxs) != group_size or int(pr.get_out_channels(named[root_name])) != group_size:
+                root_name = mod2name[tp_root]
             root = named[root_name]
             kind = "channel" if isinstance(root, nn.modules.conv._ConvNd) else "neuron"
             if kind not in kinds:
                 continue
-            # re-root the group on the first member in module order so names and indices are stable
             pruner = dg.get_pruner_of_module(root)
             size = int(pruner.get_out_channels(root))
-            if root is not group[0].dep.target.module:
+            if root is not tp_root:
                 group = dg.get_pruning_group(root, pruner.prune_out_channels, list(range(size)))
                 producers, norms, consumers, _ = _members_from_group(group, dg, mod2name)
             units.append(PrunableUnit(name=root_name, kind=kind, module=root, size=size,

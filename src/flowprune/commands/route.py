@@ -39,9 +39,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from flowprune.errors import check_fraction
     from flowprune.report import format_table
     from flowprune.route.api import route_experts
+    from flowprune.route.calibrate import check_target
 
+    check_target(args.heavy_budget if args.max_drop is not None or args.heavy_budget is not None else 0.5,
+                 args.max_drop)
+    check_fraction("--tolerance", args.tolerance, low_open=True, high_open=False)
     out = check_out_dir(args.out)
     light = load_model_arg(args.light, "--light")
     heavy = load_model_arg(args.heavy, "--heavy")
@@ -57,5 +62,6 @@ def run(args: argparse.Namespace) -> int:
     rows = [{k: (100 * v if k.endswith("_acc") or k in ("heavy_usage",) or k.startswith("random_acc") else v)
              for k, v in s.items()}]
     print(format_table(rows, title="routed (accuracies and heavy usage in %)"))
-    print(f"saved to {out}/ (results.json, pareto.png, cascade/ -> flowprune.route.load_cascade)")
+    files = "results.json, " + ("" if args.no_sweep else "pareto.png, ") + "cascade/ -> flowprune.route.load_cascade"
+    print(f"saved to {out}/ ({files})")
     return 0

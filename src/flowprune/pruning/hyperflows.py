@@ -69,7 +69,7 @@ from flowprune.pruning.masks import (
     sparsity_report,
     weight_parameters,
 )
-from flowprune.pruning.pressure import PressureScheduler, fit_power_law, gamma_for_remaining
+from flowprune.pruning.pressure import ConstantPressure, PressureScheduler, fit_power_law, gamma_for_remaining
 
 CORRECTIONS = ("topk", "none")
 CHECKPOINT = "hyperflows.pt"
@@ -134,6 +134,14 @@ class HyperflowsConfig:
 
 def _mean_logit(logits: list[torch.Tensor], n: int) -> torch.Tensor:
     return sum(p.sum() for p in logits) / n
+
+
+def _pressure(gamma: float, exponent: float) -> float:
+    """``gamma ** exponent``, ``inf`` on overflow (the loss check then stops the run)."""
+    try:
+        return float(gamma) ** float(exponent)
+    except OverflowError:
+        return math.inf
 
 
 def auto_mask_lr(pruning_steps: int) -> float:
@@ -204,7 +212,12 @@ def hyperflows_prune(model: nn.Module, data: DataSplits, config: HyperflowsConfi
         gamma0 = gamma_for_remaining(law, prune_target) if law is not None else 1.0
     if cfg.constant_gamma is not None:
         gamma0 = cfg.constant_gamma
-    sched = PressureScheduler(prune_target, cfg.prune_epochs, gamma=float(gamma0), inertia=cfg.inertia, gain=cfg.gain)
+    sched: PressureScheduler | ConstantPressure
+    if cfg.constant_gamma is None:
+        sched = PressureScheduler(prune_target, cfg.prune_epochs, gamma=float(gamma0), inertia=cfg.inertia,
+                                  gain=cfg.gain, resolution=cfg.updates_per_epoch)
+    else:
+        sched = ConstantPressure(float(cfg.constant_gamma))
 
     history: list[dict] = []
     start_epoch = 0
@@ -257,12 +270,12 @@ def hyperflows_prune(model: nn.Module, data: DataSplits, config: HyperflowsConfi
             ce = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
             loss = ce
             if pruning:
-                loss = ce + (sched.gamma ** cfg.pressure_exponent) * _mean_logit(logits, n_masked)
+                loss = ce + _pressure(sched.gamma, cfg.pressure_exponent) * _mean_logit(logits, n_masked)
             if not torch.isfinite(loss.detach()):
                 if bar is not None:
                     bar.close()
                 raise FloatingPointError(
-                    f"loss became {float(loss)} at epoch {epoch + 1}, step {step + 1} (gamma={sched.gamma:.4g}); "
+                    f"loss became {float(loss.detach())} at epoch {epoch + 1}, step {step + 1} (gamma={sched.gamma:.4g}); "
                     f"lower lr ({cfg.lr}) or mask_lr ({mask_lr}). The last good checkpoint is kept"
                     + (f" in {ckpt}" if ckpt else "") + ".")
             opt_w.zero_grad(set_to_none=True)
@@ -336,7 +349,7 @@ def hyperflows_prune(model: nn.Module, data: DataSplits, config: HyperflowsConfi
 
 
 def pressure_sweep(model: nn.Module, data: DataSplits, gammas: list[float], config: HyperflowsConfig | None = None,
-                   *, out_dir: str | os.PathLike | None = None, progress: bool | None = None,
+                   *, out_dir: str | os.PathLike | None = None, resume: bool = True, progress: bool | None = None,
                    max_batches_per_epoch: int | None = None, **overrides) -> dict:
     """Train copies of ``model`` under each constant pressure and fit the pressure -> sparsity law.
 
@@ -356,7 +369,8 @@ def pressure_sweep(model: nn.Module, data: DataSplits, gammas: list[float], conf
     runs = []
     for g in gammas:
         sub = Path(out_dir) / f"gamma_{g:g}" if out_dir is not None else None
-        r = hyperflows_prune(model, data, base, constant_gamma=float(g), checkpoint_dir=sub, progress=progress,
+        r = hyperflows_prune(model, data, base, constant_gamma=float(g), checkpoint_dir=sub, resume=resume,
+                             progress=progress,
                              max_batches_per_epoch=max_batches_per_epoch)
         runs.append({"gamma": float(g), "remaining": r["remaining"], "sparsity": r["sparsity"],
                      "accuracy": r["accuracy"], "remaining_per_epoch": r["remaining_per_epoch"]})

@@ -3,7 +3,10 @@
 Trajectory: ``R(e) = prod_{k=1..e} r_k`` with ``r_k = s0 + (0.999 - s0) * sigmoid((6/T) * (k - T/2))``;
 ``s0`` is found by bisection so that ``R(T)`` equals the target remaining fraction. Early epochs
 therefore prune fast and late ones slowly. ``e`` may be fractional (the product is interpolated
-geometrically inside an epoch) so the scheduler can also be stepped several times per epoch.
+geometrically inside an epoch). With ``resolution = u`` updates per epoch the trajectory is
+defined over ``T * u`` sub-steps (``k`` counts sub-steps), which for ``u = 1`` is exactly the paper's
+and for short runs lets the sigmoid reach low targets (with ``T = 4`` whole epochs the product
+cannot go below ~0.07).
 
 Controller (the paper gives "raise gamma when above the trajectory, lower it when below, with an
 inertia term", not the exact rule; ours, documented): in log space,
@@ -83,6 +86,7 @@ class PressureScheduler:
     gamma_min: float = 1e-4
     gamma_max: float = 1e8
     velocity: float = 0.0
+    resolution: int = 1
 
     def __post_init__(self):
         if not (isinstance(self.epochs, int) and self.epochs > 0):
@@ -91,11 +95,13 @@ class PressureScheduler:
             raise FlowpruneError(f"initial pressure gamma must be a positive number, got {self.gamma!r}")
         if not 0 <= self.inertia < 1:
             raise FlowpruneError(f"inertia must lie in [0, 1), got {self.inertia!r}")
-        self.s0 = solve_s0(self.target_remaining, self.epochs)
+        if not (isinstance(self.resolution, int) and self.resolution > 0):
+            raise FlowpruneError(f"scheduler resolution must be a positive integer, got {self.resolution!r}")
+        self.s0 = solve_s0(self.target_remaining, self.epochs * self.resolution)
         self.history: list[dict] = []
 
     def expected(self, e: float) -> float:
-        return trajectory(e, self.s0, self.epochs)
+        return trajectory(e * self.resolution, self.s0, self.epochs * self.resolution)
 
     def step(self, e: float, remaining: float) -> float:
         """Update gamma after (fractional) epoch ``e`` given the measured remaining fraction."""
@@ -115,6 +121,29 @@ class PressureScheduler:
         self.gamma = float(state["gamma"])
         self.velocity = float(state["velocity"])
         self.history = list(state.get("history", []))
+
+
+class ConstantPressure:
+    """A fixed gamma with the scheduler's interface (pressure sweeps)."""
+
+    def __init__(self, gamma: float):
+        if not (gamma > 0 and math.isfinite(gamma)):
+            raise FlowpruneError(f"a constant pressure gamma must be a positive number, got {gamma!r}")
+        self.gamma = float(gamma)
+        self.s0 = None
+        self.history: list[dict] = []
+
+    def expected(self, e: float) -> None:
+        return None
+
+    def step(self, e: float, remaining: float) -> float:
+        return self.gamma
+
+    def state_dict(self) -> dict:
+        return {"gamma": self.gamma}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gamma = float(state["gamma"])
 
 
 def fit_power_law(gammas: Sequence[float], remaining: Sequence[float]) -> dict:

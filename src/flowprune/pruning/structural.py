@@ -66,9 +66,7 @@ def cut_heads(attn: nn.Module, heads: Sequence[int]) -> None:
     attn.num_heads = h - len(heads)
     if "attn_dim" in attn.__dict__ or hasattr(attn, "attn_dim"):
         attn.attn_dim = attn.num_heads * d
-    attn.head_dim = d
-    if hasattr(attn, "scale"):
-        attn.scale = d ** -0.5
+    attn.head_dim = d  # unchanged by a head cut, and so is ``scale`` (head_dim ** -0.5 or a custom value)
 
 
 def apply_cuts(model: nn.Module, cuts: Mapping[str, torch.Tensor | Sequence[int]], *,
@@ -140,6 +138,7 @@ class PruneResult:
     dense_params: int = 0
     method: str = "agf"
     config: dict = field(default_factory=dict)
+    unsupported: list[str] = field(default_factory=list)
 
     @property
     def reduction(self) -> float:
@@ -148,7 +147,7 @@ class PruneResult:
     def to_dict(self) -> dict:
         return {"method": self.method, "macs": self.macs, "params": self.params, "dense_macs": self.dense_macs,
                 "dense_params": self.dense_params, "reduction": self.reduction, "widths": dict(self.widths),
-                "history": self.history, "config": self.config}
+                "history": self.history, "config": self.config, "unsupported_layers": list(self.unsupported)}
 
 
 def _check_data(data, model) -> None:
@@ -328,14 +327,18 @@ def prune(model: nn.Module, data, method: str = "agf", *, target_macs: float | s
                              round_to=round_to, normalize=normalize, mm=cur_macs)
         t0 = time.perf_counter()
         if plan is not None:
-            work = apply_cuts(work, plan, example_inputs=x_ex.to(dev))
+            cut = getattr(plan, "cut_model", None)
+            work = cut if cut is not None else apply_cuts(work, plan, example_inputs=x_ex.to(dev))
             rec["plan_note"] = plan.note
+            widths_now = dict(plan.widths)
+        else:
+            widths_now = {u.name: u.size for u in units}
         rec["seconds_cut"] = time.perf_counter() - t0
         if base is not None:
             work.flowprune_base = base
         macs, params = count_macs_params(work, shape)
         rec.update(macs=macs, params=params, reduction=dense_macs / max(macs, 1))
-        rec["widths"] = {u.name: u.size for u in find_units(work, x_ex.to(dev), kinds=kinds)}
+        rec["widths"] = widths_now
         if eval_loader is not None:
             rec["acc_cut"] = accuracy(work, eval_loader)
         if reestimate_bn and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in work.modules()):
@@ -366,9 +369,10 @@ def prune(model: nn.Module, data, method: str = "agf", *, target_macs: float | s
     if bar is not None:
         bar.close()
     macs, params = count_macs_params(work, shape)
-    final_units = find_units(work, x_ex.to(dev), kinds=kinds)
-    return PruneResult(model=work, history=history, widths={u.name: u.size for u in final_units}, macs=macs,
-                       params=params, dense_macs=dense_macs, dense_params=dense_params, method=method, config=config)
+    final_widths = history[-1]["widths"] if history else sizes0
+    return PruneResult(model=work, history=history, widths=dict(final_widths), macs=macs,
+                       params=params, dense_macs=dense_macs, dense_params=dense_params, method=method, config=config,
+                       unsupported=list(units0.unsupported))
 
 
 def _plan(model, units, scores, x, *, mm, **kw):

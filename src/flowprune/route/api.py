@@ -242,7 +242,8 @@ def plot_pareto(sweep_res: dict, results: dict, path: str | os.PathLike) -> Path
 
 def _evaluate(cascade, data, *, mode: str, target: float, tolerance: float, learned_fraction: float,
               learned_hidden: int, out_dir, measure: bool, do_sweep: bool, diagnostic: bool, seed: int,
-              rounds: int, latency_samples: int, diagnostic_steps: int, extra: dict) -> RouteResult:
+              rounds: int, latency_samples: int, diagnostic_steps: int, extra: dict,
+              sweep_usages=SWEEP_USAGES, sweep_rounds: int = 1) -> RouteResult:
     from flowprune.report import write_results
     from flowprune.route.diagnostics import signal_compression
     from flowprune.route.io import save_cascade
@@ -289,7 +290,7 @@ def _evaluate(cascade, data, *, mode: str, target: float, tolerance: float, lear
     test_x = data.test.tensors[0]
     if do_sweep:
         results["sweep"] = sweep(cascade, val_outs if learned_info is None else cal_outs, test_outs, test_x, costs,
-                                 measure=measure, rounds=max(1, rounds - 1), seed=seed)
+                                 usages=sweep_usages, measure=measure, rounds=sweep_rounds, seed=seed)
     if measure:
         sp = measure_speed(cascade, test_x, rounds=rounds, latency_samples=latency_samples)
         results["speed"] = sp
@@ -318,7 +319,7 @@ def route_experts(light: nn.Module, heavy: nn.Module, data, *, router: str = "co
                   router_kwargs: dict | None = None, learned_fraction: float = 0.5, learned_hidden: int = 32,
                   out_dir: str | os.PathLike | None = None, measure: bool = True, sweep: bool = True,
                   diagnostic: bool = True, diagnostic_steps: int = 20, rounds: int = 3, latency_samples: int = 100,
-                  seed: int = 0) -> RouteResult:
+                  sweep_usages=SWEEP_USAGES, sweep_rounds: int = 1, seed: int = 0) -> RouteResult:
     """Put ``light`` and ``heavy`` behind a calibrated router, measure it, and optionally save it.
 
     The experts are copied (never changed). Exactly one of ``heavy_budget`` (fraction of inputs
@@ -336,6 +337,8 @@ def route_experts(light: nn.Module, heavy: nn.Module, data, *, router: str = "co
         measure: time heavy/light/routed (batch 1, 64, 256) and the routing overhead.
         sweep: threshold sweep -> Pareto curve with the random-routing curve.
         diagnostic: the AGF signal-compression diagnostic (trains a fresh heavy copy ``diagnostic_steps`` steps).
+        rounds: timing rounds of the speed measurement (medians); ``sweep_rounds`` those of the sweep.
+        sweep_usages: the target heavy usages of the sweep (thresholds from val quantiles).
 
     Returns:
         :class:`RouteResult` (``.cascade``, ``.calibration``, ``.results``, ``.summary()``).
@@ -361,7 +364,8 @@ def route_experts(light: nn.Module, heavy: nn.Module, data, *, router: str = "co
     return _evaluate(cascade, data, mode=mode, target=target, tolerance=tolerance, learned_fraction=learned_fraction,
                      learned_hidden=learned_hidden, out_dir=out_dir, measure=measure, do_sweep=sweep,
                      diagnostic=diagnostic, seed=seed, rounds=rounds, latency_samples=latency_samples,
-                     diagnostic_steps=diagnostic_steps, extra={})
+                     diagnostic_steps=diagnostic_steps, extra={}, sweep_usages=sweep_usages,
+                     sweep_rounds=sweep_rounds)
 
 
 def route_early_exit(model: nn.Module, data, *, stage: str | None = None, router: str = "confidence",

@@ -122,20 +122,22 @@ class _RoutedBase(nn.Module):
         """
         thr = self.threshold if threshold is None else self._check_threshold(threshold)
         was_training = self.training
-        self.eval()
+        if was_training:  # routing is inference: BatchNorm must use running statistics
+            self.eval()
         try:
             logits, feats, carry = self.light_part(x)
             score = self.router(logits, feats)
             mask = score > thr
             idx = mask.nonzero().squeeze(1)
-            out = logits.clone() if logits.requires_grad else logits
+            out = logits
             if idx.numel() > 0:
                 heavy_logits = self.heavy_part(carry.index_select(0, idx))
                 out = out.to(heavy_logits.dtype) if out.dtype != heavy_logits.dtype else out
                 out.index_copy_(0, idx, heavy_logits)
             return CascadeOutput(out, mask.long(), score)
         finally:
-            self.train(was_training)
+            if was_training:
+                self.train(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Routed logits ``(B, K)``; use :meth:`route` to see which expert answered."""
@@ -175,6 +177,7 @@ class Cascade(_RoutedBase):
         self.heavy = heavy.eval()
         self.router = router
         self.threshold = self._check_threshold(threshold)
+        self.eval()
 
     def light_part(self, x):
         if self.router.needs_features:
@@ -268,6 +271,7 @@ class EarlyExitCascade(_RoutedBase):
         self.head = head.eval()
         self.router = router
         self.threshold = self._check_threshold(threshold)
+        self.eval()
         self.input_shape, self.num_classes = expert_signature(model)
 
     @property

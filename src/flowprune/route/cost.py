@@ -131,7 +131,8 @@ def profile_overhead(cascade, x: torch.Tensor, *, repeats: int = 20) -> dict:
     the cascade runs it, with the feature hook when the router needs features), ``router``
     (scores), ``gather`` (mask + nonzero + index_select), ``heavy_sub`` (heavy on the sub-batch),
     ``scatter`` (index_copy_). ``overhead_frac`` = (router + gather + scatter + hook) /
-    light_plain, the routing overhead relative to the light expert's time.
+    light_plain, the routing overhead relative to the light expert's time, where ``hook`` =
+    light_part - light_plain when the router needs features (l1, learned) and 0 otherwise.
     """
     cascade.eval()
     light = cascade.light.eval()
@@ -158,10 +159,14 @@ def profile_overhead(cascade, x: torch.Tensor, *, repeats: int = 20) -> dict:
             for k, v in zip(t, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
                 t[k].append(v)
     med = {k: statistics.median(v) for k, v in t.items()}
-    hook = max(0.0, med["light_part"] - med["light_plain"])
+    # the feature hook only exists when the router needs features; otherwise the difference is timing noise
+    hook = max(0.0, med["light_part"] - med["light_plain"]) if cascade.router.needs_features else 0.0
     med["hook"] = hook
     med["overhead"] = med["router"] + med["gather"] + med["scatter"] + hook
-    med["overhead_frac"] = med["overhead"] / med["light_plain"]
+    # conservative denominator: without a feature hook both passes run the same light forward, so the
+    # smaller median is the better estimate of the light expert's time on a noisy machine
+    light_t = med["light_plain"] if cascade.router.needs_features else min(med["light_plain"], med["light_part"])
+    med["overhead_frac"] = med["overhead"] / light_t
     med["batch_size"] = int(x.shape[0])
     if hasattr(cascade.router, "reset"):
         cascade.router.reset()

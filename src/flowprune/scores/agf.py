@@ -122,8 +122,8 @@ class AGF(Score):
                                 if g is None or id(t) in seen:
                                     continue
                                 seen.add(id(t))
-                                prod = (t.detach() * g).double()
-                                per = channel_sums(prod, mod, absolute=o["abs_mode"] == "elementwise")
+                                prod = t.detach() * g  # reduced in the feature dtype, accumulated in float64
+                                per = channel_sums(prod, mod, absolute=o["abs_mode"] == "elementwise").double()
                                 part = torch.zeros(bsz, u.size, dtype=torch.float64, device=dev)
                                 part.index_add_(1, m.root_idxs.to(dev), per[:, m.idxs.to(dev)])
                                 acc += part.abs() if o["abs_mode"] == "after_sum" else part

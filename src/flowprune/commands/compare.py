@@ -1,0 +1,126 @@
+"""``flowprune compare``: every pruning method from the same dense model, side by side, with Torch-Pruning.
+
+    flowprune compare --checkpoint runs/dense --data mnist5k \\
+        --methods agf,l1,taylor,wanda,random,tp-magnitude,tp-taylor --targets 2x,4x,8x,16x \\
+        --seeds 3 --finetune-epochs 1 --out runs/compare
+
+or, with no checkpoint, train the dense model first (saved to ``OUT/dense``):
+
+    flowprune compare --model resnet20 --epochs 15 --data mnist5k --methods agf,tp-magnitude --out runs/cmp
+
+Prints one table (accuracy mean ± std after the cut, after BatchNorm re-estimation and after
+fine-tuning; achieved MACs reduction, params, latency and throughput; differences to the best
+Torch-Pruning method marked when they exceed one std) and writes ``OUT/results.json`` and
+``OUT/compare.md``. Finished runs are kept under ``OUT/runs/``: the same command resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from flowprune.commands._common import (
+    Timer,
+    add_data_arguments,
+    check_data_fits_model,
+    check_out_dir,
+    load_data,
+    load_model_arg,
+)
+
+NAME = "compare"
+HELP = "compare pruning methods (flowprune scores and Torch-Pruning's) from one dense model"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("dense model")
+    src.add_argument("--checkpoint", default=None, help="directory written by `flowprune train --out DIR`")
+    src.add_argument("--model", default=None, help="zoo name to train first when no --checkpoint is given")
+    src.add_argument("--epochs", type=int, default=15, help="dense training epochs with --model (default 15); "
+                     "also the train-from-scratch budget unless --scratch-epochs is given")
+    src.add_argument("--lr", type=float, default=0.05, help="dense training learning rate with --model")
+    add_data_arguments(p)
+    p.add_argument("--methods", default="agf,l1,taylor,wanda,random,tp-magnitude,tp-taylor",
+                   help="comma-separated: flowprune scores (agf, taylor, l1, l2, bn_scale, wanda, ria, random) "
+                        "and Torch-Pruning anchors (tp-magnitude, tp-l1, tp-taylor, tp-bn-scale, tp-random)")
+    p.add_argument("--targets", default="2x,4x,8x,16x", help="MACs reductions, comma-separated (default 2x,4x,8x,16x)")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1) per method x target (default 3)")
+    p.add_argument("--finetune-epochs", type=int, default=1, help="fine-tune epochs after the cut, every method")
+    p.add_argument("--finetune-lr", type=float, default=0.01)
+    p.add_argument("--finetune-batches", type=int, default=None, help="cap on steps per fine-tune epoch")
+    p.add_argument("--calib-batches", type=int, default=10, help="calibration batches T (default 10)")
+    p.add_argument("--calib-batch-size", type=int, default=64)
+    p.add_argument("--budget", default=None, help="flowprune budget: layer (default) or global")
+    p.add_argument("--tp-mode", default="auto", help="Torch-Pruning ratio: auto (uniform, else global), uniform, global")
+    p.add_argument("--scratch-epochs", type=int, default=None,
+                   help="train-from-scratch epochs at the AGF architecture (default: the dense budget; 0 = skip)")
+    p.add_argument("--scratch-seeds", type=int, default=None, help="seeds for the scratch baseline (default: all)")
+    p.add_argument("--no-speed", action="store_true", help="skip latency/throughput measurement")
+    p.add_argument("--out", required=True, help="output directory (results.json, compare.md, runs/)")
+
+
+def _dense_budget(checkpoint: str) -> int | None:
+    """Epochs the checkpoint was trained for, from its results.json (written by `flowprune train`)."""
+    p = Path(checkpoint) / "results.json"
+    if p.exists():
+        try:
+            return int(json.loads(p.read_text()).get("epochs"))
+        except (ValueError, TypeError, json.JSONDecodeError):
+            return None
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    from flowprune.compare import TP_MODES, compare, parse_methods, parse_target
+    from flowprune.errors import FlowpruneError, bad_choice
+    from flowprune.train import TrainConfig
+
+    # validate everything before any work
+    methods = parse_methods(args.methods)
+    targets = [parse_target(t) for t in args.targets.split(",") if t.strip()]
+    if not targets:
+        raise FlowpruneError(f"--targets {args.targets!r} holds no target; write e.g. 2x,4x,8x")
+    if args.seeds < 1:
+        raise FlowpruneError(f"--seeds must be a positive integer, got {args.seeds}")
+    if args.checkpoint is None and args.model is None:
+        raise FlowpruneError("give --checkpoint DIR (a trained model) or --model NAME --epochs N (train one first)")
+    if args.epochs < 1:
+        raise FlowpruneError(f"--epochs must be a positive integer, got {args.epochs}")
+    for name, v, low in (("--finetune-epochs", args.finetune_epochs, 0), ("--calib-batches", args.calib_batches, 1),
+                         ("--calib-batch-size", args.calib_batch_size, 1)):
+        if v < low:
+            raise FlowpruneError(f"{name} must be an integer >= {low}, got {v}")
+    if args.tp_mode not in TP_MODES:
+        raise bad_choice("--tp-mode", args.tp_mode, TP_MODES)
+    if args.budget is not None and args.budget not in ("layer", "global"):
+        raise bad_choice("--budget", args.budget, ("layer", "global"))
+    out = check_out_dir(args.out)
+    data = load_data(args)
+    dense_epochs = args.epochs
+    if args.checkpoint is not None:
+        model = load_model_arg(args.checkpoint)
+        if args.model is not None and args.model != model.flowprune_base["name"]:
+            raise FlowpruneError(f"--model {args.model!r} does not match the checkpoint's model "
+                                 f"{model.flowprune_base['name']!r}")
+        dense_epochs = _dense_budget(args.checkpoint) or args.epochs
+    else:
+        from flowprune.api import train_model
+
+        cfg = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed).validate()
+        res = train_model(args.model, data, cfg, out_dir=out / "dense", measure_speed=False)
+        model = res["model"]
+        print(f"dense {args.model}: test accuracy {100 * res['accuracy']:.1f} % (saved to {out / 'dense'})")
+    check_data_fits_model(model, data, "the dense model")
+    plan_options = {"budget": args.budget} if args.budget else None
+    with Timer() as t:
+        res = compare(model, data, methods, targets, args.seeds, finetune_epochs=args.finetune_epochs,
+                      finetune_lr=args.finetune_lr, finetune_batches=args.finetune_batches,
+                      calib_batches=args.calib_batches, calib_batch_size=args.calib_batch_size,
+                      dense_config=TrainConfig(epochs=dense_epochs, lr=args.lr, seed=args.seed),
+                      scratch_epochs=args.scratch_epochs, scratch_seeds=args.scratch_seeds,
+                      plan_options=plan_options, tp_mode=args.tp_mode, measure_speed=not args.no_speed,
+                      out_dir=out)
+    print(res["table"])
+    print(f"\n{t.seconds:.0f} s; wrote {out / 'results.json'} and {out / 'compare.md'}")
+    return 0

@@ -1,0 +1,117 @@
+"""``flowprune prune``: structural pruning of a trained model (AGF or a baseline score).
+
+    flowprune prune --checkpoint runs/dense --data mnist5k --method agf --target-macs 4x --out runs/agf4x
+
+writes ``OUT/results.json`` (accuracy of the dense model, after the cut, after BatchNorm
+re-estimation and after fine-tuning; MACs, params, per-unit widths, latency, seed, method, the
+per-step history) and the pruned model (``OUT/model.safetensors`` + ``OUT/model.json``).
+Step checkpoints go to ``OUT/steps/`` so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from flowprune.commands._common import (
+    Timer,
+    add_data_arguments,
+    check_data_fits_model,
+    check_out_dir,
+    load_data,
+    load_model_arg,
+)
+
+NAME = "prune"
+HELP = "prune a trained model's channels / neurons / heads by AGF or a baseline score"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="directory written by `flowprune train --out DIR`")
+    p.add_argument("--model", default=None, help="zoo name, checked against the checkpoint (optional)")
+    add_data_arguments(p)
+    p.add_argument("--method", default="agf", help="score: agf, taylor, l1, l2, bn_scale, wanda, ria, random, ...")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--target-macs", default=None, help="MACs reduction, e.g. 4x (= 4 times fewer MACs)")
+    g.add_argument("--ratio", type=float, default=None, help="fraction of every unit's width to remove, in [0, 1)")
+    p.add_argument("--steps", type=int, default=1, help="iterative pruning steps (default 1: one shot)")
+    p.add_argument("--schedule", default="geometric", help="geometric or linear")
+    p.add_argument("--budget", default="layer", help="layer (per-layer top-k) or global (normalised ranking)")
+    p.add_argument("--calib-batches", type=int, default=10, help="calibration batches T (default 10)")
+    p.add_argument("--calib-batch-size", type=int, default=64)
+    p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune epochs between steps")
+    p.add_argument("--final-finetune-epochs", type=int, default=None,
+                   help="fine-tune epochs after the last step (default: --finetune-epochs)")
+    p.add_argument("--lr", type=float, default=0.01, help="fine-tune learning rate")
+    p.add_argument("--round-to", type=int, default=1, help="kept widths are multiples of this")
+    p.add_argument("--min-width", type=int, default=1, help="no unit goes below this width")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--no-speed", action="store_true", help="skip latency/throughput measurement")
+
+
+def run(args: argparse.Namespace) -> int:
+    from flowprune.data import make_loader
+    from flowprune.errors import FlowpruneError
+    from flowprune.io import save
+    from flowprune.measure import accuracy, count_macs_params, speed_report
+    from flowprune.pruning.structural import prune
+    from flowprune.report import format_table, write_results
+    from flowprune.scores import list_scores
+    from flowprune.train import TrainConfig
+
+    if args.method not in list_scores():
+        from flowprune.errors import bad_choice
+
+        raise bad_choice("--method", args.method, list_scores())
+    if args.target_macs is None and args.ratio is None:
+        raise FlowpruneError("give --target-macs (e.g. 4x) or --ratio (a fraction in [0, 1))")
+    out = check_out_dir(args.out)
+    model = load_model_arg(args.checkpoint)
+    base = model.flowprune_base
+    if args.model is not None and args.model != base["name"]:
+        raise FlowpruneError(f"--model {args.model!r} does not match the checkpoint's model {base['name']!r}")
+    data = load_data(args)
+    check_data_fits_model(model, data, "the checkpoint's model")
+    final_ft = args.finetune_epochs if args.final_finetune_epochs is None else args.final_finetune_epochs
+    cfg = TrainConfig(lr=args.lr, seed=args.seed)
+    test = make_loader(data.test, 512)
+    dense_acc = accuracy(model, test)
+    with Timer() as t:
+        res = prune(model, data, args.method, target_macs=args.target_macs, ratio=args.ratio, steps=args.steps,
+                    schedule=args.schedule, budget=args.budget, calib_batches=args.calib_batches,
+                    calib_batch_size=args.calib_batch_size, finetune_epochs=args.finetune_epochs,
+                    final_finetune_epochs=final_ft, finetune_config=cfg, min_width=args.min_width,
+                    round_to=args.round_to, seed=args.seed, checkpoint_dir=out / "steps")
+    last = res.history[-1] if res.history else {}
+    acc_final = accuracy(res.model, test)
+    dense_macs, dense_params = count_macs_params(model, data.input_shape)
+    results = {"model_name": base["name"], "data": data.name, "method": args.method, "seed": args.seed,
+               "target_macs": args.target_macs, "ratio": args.ratio, "budget": args.budget, "steps": args.steps,
+               "dense_accuracy": dense_acc, "accuracy_after_cut": last.get("acc_cut"),
+               "accuracy_after_bn": last.get("acc_bn"),
+               "accuracy_before_finetune": last.get("acc_bn", last.get("acc_cut")),
+               "accuracy_after_finetune": last.get("acc_ft"), "accuracy": acc_final,
+               "macs": res.macs, "params": res.params, "dense_macs": dense_macs, "dense_params": dense_params,
+               "macs_reduction": dense_macs / max(res.macs, 1), "widths": res.widths, "history": res.history,
+               "seconds": t.seconds, "config": res.config, "unsupported_layers": res.unsupported}
+    if not args.no_speed:
+        dense_speed = speed_report(model, data.input_shape)
+        pruned_speed = speed_report(res.model, data.input_shape)
+        results.update(pruned_speed)
+        results["dense_speed"] = dense_speed
+    save(res.model, out, metadata={"stage": "pruned", "method": args.method, "data": data.name,
+                                   "accuracy": acc_final, "seed": args.seed,
+                                   "cuts": getattr(res.model, "flowprune_metadata", {}).get("cuts", [])})
+    write_results(out / "results.json", results)
+
+    def pct(v):
+        return None if v is None else 100 * v
+
+    print(format_table([{"method": args.method, "target": args.target_macs or args.ratio,
+                         "dense acc %": pct(dense_acc), "cut %": pct(last.get("acc_cut")),
+                         "BN %": pct(last.get("acc_bn")), "final %": pct(acc_final),
+                         "MACs x": results["macs_reduction"], "params": res.params,
+                         "latency b1 ms": results.get("latency_ms_b1")}]))
+    if res.unsupported:
+        print(f"left intact (flowprune cannot cut them): {', '.join(res.unsupported)}")
+    print(f"saved to {out}/ (model.safetensors, model.json, results.json)")
+    return 0

@@ -1,0 +1,147 @@
+"""Scores: AGF against a hand computation and finite differences; every score's contract."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flowprune.errors import FlowpruneError
+from flowprune.models import build_model
+from flowprune.scores import get_score, list_scores
+from flowprune.units import find_units
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: on the shared 2-core machine two threads run several times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+BASELINES = ["agf", "taylor", "l1", "l2", "bn_scale", "wanda", "ria", "random"]
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(5, 6)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def _tiny_batches(n=3, b=7):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(b, 5, generator=g), torch.randint(0, 3, (b,), generator=g)) for _ in range(n)]
+
+
+def test_registry_has_every_score():
+    assert set(BASELINES) <= set(list_scores())
+    with pytest.raises(FlowpruneError, match="allowed"):
+        get_score("magic")
+    with pytest.raises(FlowpruneError, match="abs_mode"):
+        get_score("agf", abs_mode="sideways")
+    with pytest.raises(FlowpruneError, match="unknown option"):
+        get_score("l1", power=2)
+
+
+def test_agf_matches_hand_computed_utility():
+    torch.manual_seed(0)
+    m, batches = Tiny(), _tiny_batches()
+    units = find_units(m, torch.randn(1, 5))
+    assert [u.name for u in units] == ["fc1"]
+    got = get_score("agf")(m, units, batches)["fc1"]
+    want = torch.zeros(6)
+    for x, y in batches:  # hand computation: Y = ReLU output, per-sample loss gradient
+        h = torch.relu(m.fc1(x)).detach().requires_grad_(True)
+        loss = F.cross_entropy(m.fc2(h), y, reduction="sum")
+        (g,) = torch.autograd.grad(loss, h)
+        want += (h * g).abs().mean(0)
+    torch.testing.assert_close(got, want / len(batches), rtol=1e-5, atol=1e-7)
+    raw = get_score("agf", feature="raw")(m, units, batches)["fc1"]
+    # with ReLU, |z * dL/dz| (raw) equals |relu(z) * dL/drelu(z)|: zero where z < 0, identical elsewhere
+    torch.testing.assert_close(raw, got, rtol=1e-5, atol=1e-7)
+    after = get_score("agf", abs_mode="after_sum")(m, units, batches)["fc1"]
+    assert (after <= got + 1e-7).all()  # |sum| <= sum |.| per sample
+
+
+def test_signed_agf_equals_finite_difference_of_a_scale_factor():
+    torch.manual_seed(1)
+    m = Tiny().double()
+    x, y = _tiny_batches(1)[0]
+    x = x.double()
+    units = find_units(m, torch.randn(1, 5, dtype=torch.double))
+    signed = get_score("agf", abs_mode="signed")(m, units, [(x, y)])["fc1"]
+    eps = 1e-6
+    for c in range(6):
+        def loss_at(a, c=c):
+            h = torch.relu(m.fc1(x))
+            scale = torch.ones(6, dtype=torch.double)
+            scale[c] = a
+            return F.cross_entropy(m.fc2(h * scale), y).item()
+        fd = (loss_at(1 + eps) - loss_at(1 - eps)) / (2 * eps)
+        assert signed[c].item() == pytest.approx(fd, rel=1e-4, abs=1e-8)
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_every_score_keeps_model_and_gives_shapes(name, digits_data):
+    m = build_model("resnet20", (1, 8, 8), 10)
+    m.train()
+    m.layer1[0].eval()
+    before = copy.deepcopy(m.state_dict())
+    units = find_units(m, torch.randn(1, 1, 8, 8))
+    batches = digits_data.calibration_batches(16, 2)
+    out = get_score(name)(m, units, batches)
+    assert set(out) == {u.name for u in units}
+    for u in units:
+        assert out[u.name].shape == (u.size,) and torch.isfinite(out[u.name]).all()
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert m.training and not m.layer1[0].training and m.layer2.training
+    assert all(p.grad is None for p in m.parameters())
+
+
+def test_labels_that_do_not_fit_the_head_raise():
+    m = Tiny()
+    units = find_units(m, torch.randn(1, 5))
+    with pytest.raises(FlowpruneError, match=r"labels must lie in \[0, 2\]"):
+        get_score("agf")(m, units, [(torch.randn(4, 5), torch.tensor([0, 1, 2, 7]))])
+    with pytest.raises(FlowpruneError, match="needs calibration batches"):
+        get_score("wanda")(m, units, [])
+
+
+def test_scores_on_vit_heads_and_neurons(digits_data):
+    m = build_model("vit", (1, 8, 8), 10)
+    units = find_units(m, torch.randn(1, 1, 8, 8))
+    batches = digits_data.calibration_batches(16, 2)
+    for name in ("agf", "taylor", "wanda", "ria"):
+        out = get_score(name)(m, units, batches)
+        assert out["blocks.0.attn"].shape == (4,) and (out["blocks.0.attn"] >= 0).all()
+
+
+def test_trajectory_calibration_does_not_touch_caller(digits_data):
+    m = build_model("resnet20", (1, 8, 8), 10).eval()
+    before = copy.deepcopy(m.state_dict())
+    units = find_units(m, torch.randn(1, 1, 8, 8))
+    out = get_score("agf", calibration="trajectory")(m, units, digits_data.calibration_batches(16, 2))
+    assert out["conv1"].shape == (16,)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+def test_as_tp_importance_in_torch_pruning_pruner(digits_data):
+    import torch_pruning as tp
+
+    m = build_model("resnet20", (1, 8, 8), 10)
+    x = torch.randn(1, 1, 8, 8)
+    imp = get_score("agf").as_tp_importance(batches=digits_data.calibration_batches(16, 2), example_inputs=x)
+    pruner = tp.pruner.MetaPruner(m, x, importance=imp, pruning_ratio=0.5, ignored_layers=[m.fc])
+    pruner.step()
+    assert m.layer1[0].conv1.out_channels == 8
+    assert m(torch.randn(2, 1, 8, 8)).shape == (2, 10)
