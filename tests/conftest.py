@@ -13,7 +13,9 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One torch thread for the whole suite: the test models are small, and on a 2-core machine that is
+# shared (or runs pytest next to other work) two OpenMP threads make them several times slower.
+torch.set_num_threads(1)
 
 from flowprune.data import load_dataset  # noqa: E402
 from flowprune.models import build_model  # noqa: E402

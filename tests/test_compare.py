@@ -28,16 +28,6 @@ from flowprune.models import build_model
 from flowprune.train import TrainConfig, fit
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared, loaded 2-core machine two threads make small models several
-    times slower (OpenMP threads wait on each other). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def digits1d(digits_data):
     """The real 8x8 digits read as 1x64 signals, so the small 1-D CNN (conv-BN-ReLU) runs on them fast."""

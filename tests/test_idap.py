@@ -113,14 +113,33 @@ def test_rollback_restores_exact_previous_weights(trained_resnet20_digits, digit
     before = {k: v.clone() for k, v in model.state_dict().items()}
     # a huge first cut with zero tolerance must violate the budget and roll back
     res = idap(model, digits_data, stages=(1,), max_drop=0.0, p0=0.8, max_steps=1, recover_epochs=1,
-               recover_batches=1, calib_batches=2)
-    assert res.steps and res.steps[0]["accepted"] is False
+               recover_batches=1, calib_batches=2, max_retries=0)
+    assert res.steps and res.steps[0]["accepted"] is False and len(res.steps) == 1
     assert "budget violated" in res.stop_reason and "rolled back" in res.stop_reason
     _assert_same_weights(res.model, model)
     assert res.final["macs"] == res.dense["macs"]
     for k, v in model.state_dict().items():  # the caller's model was not changed
         assert torch.equal(v, before[k])
 
+
+
+def test_violation_is_retried_with_half_the_fraction_then_rolled_back(trained_resnet20_digits, digits_data):
+    model = trained_resnet20_digits
+    # an output error of exactly 0 is violated by every cut: each try fails, so both retries happen
+    res = idap(model, digits_data, stages=(1,), max_drop=None, max_output_error=0.0, p0=0.4, max_steps=1,
+               recover_epochs=1, recover_batches=1, calib_batches=2, max_retries=2)
+    assert [s["retry"] for s in res.steps] == [0, 1, 2]
+    assert [s["accepted"] for s in res.steps] == [False] * 3
+    assert [s["step"] for s in res.steps] == [0, 0, 0]
+    fr = [s["fraction"] for s in res.steps]
+    assert fr[1] == pytest.approx(fr[0] / 2) and fr[2] == pytest.approx(fr[0] / 4)
+    assert res.steps[0]["units_cut"] > res.steps[1]["units_cut"] > res.steps[2]["units_cut"] > 0
+    assert "after 2 retries" in res.stop_reason and "rolled back" in res.stop_reason
+    _assert_same_weights(res.model, model)  # every try was rolled back exactly
+    with pytest.raises(FlowpruneError, match="max_retries"):
+        idap(model, digits_data, max_retries=-1)
+    with pytest.raises(FlowpruneError, match="retry_factor"):
+        idap(model, digits_data, retry_factor=1.0)
 
 def test_stage1_prunes_within_budget_and_stage2_removes_blocks(trained_resnet20_digits, digits_data, tmp_path):
     res = idap(trained_resnet20_digits, digits_data, stages=(1, 2), max_drop=0.03, max_steps=1, recover_epochs=1,

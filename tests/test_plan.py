@@ -13,15 +13,6 @@ from flowprune.plan import MacsModel, parse_target, plan_cuts
 from flowprune.scores import get_score
 from flowprune.units import find_units
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on the shared 2-core machine two threads run several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 X = torch.randn(1, 1, 8, 8)
 
 

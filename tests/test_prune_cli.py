@@ -4,21 +4,11 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 from flowprune import io
 from flowprune.cli import main
 from flowprune.models import build_model
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on the shared 2-core machine two threads run several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_prune_cli_writes_results_and_model(tmp_path, capsys):

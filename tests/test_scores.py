@@ -14,15 +14,6 @@ from flowprune.models import build_model
 from flowprune.scores import get_score, list_scores
 from flowprune.units import find_units
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on the shared 2-core machine two threads run several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 BASELINES = ["agf", "taylor", "l1", "l2", "bn_scale", "wanda", "ria", "random"]
 
 

@@ -18,15 +18,6 @@ from flowprune.train import TrainConfig
 from flowprune.units import find_units
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on the shared 2-core machine two threads run several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_zero_cut_leaves_outputs_unchanged():
     m = build_model("resnet20", (1, 8, 8), 10).eval()
     x = torch.randn(4, 1, 8, 8)

@@ -11,15 +11,6 @@ from flowprune.models import build_model
 from flowprune.units import find_units, unsupported_layers
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on the shared 2-core machine two threads run several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_resnet_units_couple_residual_channels():
     m = build_model("resnet20", (1, 8, 8), 10)
     units = find_units(m, torch.randn(1, 1, 8, 8)).by_name()

@@ -46,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--T", type=int, default=10)
     s.add_argument("--alpha", type=float, default=1.5)
     s.add_argument("--max-steps", type=int, default=None, help="most stage-1 steps (default T)")
+    s.add_argument("--max-retries", type=int, default=2,
+                   help="after a stage-1 step breaks the budget: roll back and retry it this many times")
+    s.add_argument("--retry-factor", type=float, default=0.5, help="each retry multiplies the step's fraction by this")
     s.add_argument("--recover-epochs", type=int, default=2)
     s.add_argument("--recover-batches", type=int, default=None, help="cap on batches per recovery epoch")
     s.add_argument("--stage2-recover-batches", type=int, default=None,
@@ -82,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         res = idap(model, data, stages=stages, max_drop=None if args.no_accuracy_budget else args.max_drop,
                    max_output_error=args.max_output_error, target_macs=args.target_macs,
                    target_params=args.target_params, p0=args.p0, T=args.T, alpha=args.alpha,
-                   max_steps=args.max_steps, recover_epochs=args.recover_epochs,
+                   max_steps=args.max_steps, max_retries=args.max_retries,
+                   retry_factor=args.retry_factor, recover_epochs=args.recover_epochs,
                    recover_batches=args.recover_batches, stage2_recover_batches=args.stage2_recover_batches,
                    final_epochs=args.final_epochs, lr=args.lr, round_to=args.round_to, checkpoint_dir=ckpt,
                    seed=args.seed, progress=None)

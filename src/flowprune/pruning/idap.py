@@ -16,12 +16,17 @@ restore the exact previous model and mark the block essential.
 **Budget** (:class:`Budget`), measured on the validation split against the dense model:
 ``max_drop`` (top-1 accuracy drop, a fraction: 0.01 = one point) and/or ``max_output_error``
 (``sum_x ||N0(x) - N(x)||^2 <= Delta * sum_x ||N0(x)||^2`` on the logits). A violation rolls back
-to the last model within budget (exact weights: an in-memory copy) and ends stage 1; in stage 2
-it rejects that block. A target reduction (``target_macs``, ``target_params``: factors, 3.0 = 3x
+to the last model within budget (exact weights: an in-memory copy); in stage 2 it rejects that block.
+In stage 1 the violating step is then **retried** from the rolled-back model with half the
+fraction (``retry_factor``), up to ``max_retries`` times in a row (default 2: ``p_t``, ``p_t/2``,
+``p_t/4``); every try is recorded in the history (``retry`` = 0, 1, 2, ...) and the stage ends only
+when the last retry also violates (``max_retries=0``: the paper's stop at the first violation).
+An accepted retry moves on to step ``t + 1`` with the full scheduled fraction again. A target reduction (``target_macs``, ``target_params``: factors, 3.0 = 3x
 fewer) ends the run as soon as it is reached. Every stop records its reason.
 
 Choices the paper leaves open, as options with defaults: distillation taps (the outputs of up to
 ``num_taps`` unit root layers spread over depth, compared on the channels that survive the cut;
+retries after a violation (``max_retries``, ``retry_factor``: not in the paper, which stops);
 stage 2: the outputs of the containers of the blocks), the recovery budget (``recover_epochs``,
 ``recover_batches``), a schedule that ends after ``T`` steps (``max_steps``), the final fine-tune
 (``final_epochs``, kept only if it stays within budget and does not lower validation accuracy).
@@ -272,6 +277,8 @@ class _Config:
     num_taps: int
     lr: float
     seed: int
+    max_retries: int = 2
+    retry_factor: float = 0.5
 
 
 def _check_stages(stages) -> tuple[int, ...]:
@@ -314,7 +321,7 @@ def idap(model: nn.Module, data: DataSplits, *, stages: Sequence[int] | int = (1
          recover_batches: int | None = None, stage2_recover_batches: int | None = None, final_epochs: int = 0,
          calib_batches: int = 4, calib_batch_size: int = 64, num_taps: int = 3, lr: float = 1e-3,
          checkpoint_dir: str | os.PathLike | None = None, seed: int = 0, progress: bool | None = False,
-         reference: nn.Module | None = None) -> IdapResult:
+         reference: nn.Module | None = None, max_retries: int = 2, retry_factor: float = 0.5) -> IdapResult:
     """Prune ``model`` with IDAP++ within a budget; the caller's model is never changed.
 
     Args:
@@ -346,6 +353,10 @@ def idap(model: nn.Module, data: DataSplits, *, stages: Sequence[int] | int = (1
         reference: the model the budget and the reductions are measured against (default: ``model``
             itself). Pass the dense model to continue pruning an already pruned ``model`` within the
             original budget (e.g. stage 2 on a stage-1 result).
+        max_retries: after a stage-1 step violates the budget (and is rolled back), retry it from the
+            rolled-back model with the fraction times ``retry_factor``, at most this many times in a
+            row (0 = stop at the first violation, as in the paper). Every try is one history entry.
+        retry_factor: the fraction multiplier of each retry, in (0, 1) (0.5 = half).
 
     Returns:
         :class:`IdapResult`.
@@ -370,6 +381,10 @@ def idap(model: nn.Module, data: DataSplits, *, stages: Sequence[int] | int = (1
     max_steps = T if max_steps is None else max_steps
     check_positive_int("max_steps", max_steps)
     check_positive_int("recover_epochs", recover_epochs)
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        raise FlowpruneError(f"max_retries must be an integer >= 0, got {max_retries!r}")
+    if isinstance(retry_factor, bool) or not isinstance(retry_factor, (int, float)) or not 0 < retry_factor < 1:
+        raise FlowpruneError(f"retry_factor must lie in (0, 1) (0.5 = half the fraction), got {retry_factor!r}")
     check_positive_int("calib_batches", calib_batches)
     check_positive_int("calib_batch_size", calib_batch_size)
     if recover_batches is not None:
@@ -399,7 +414,7 @@ def idap(model: nn.Module, data: DataSplits, *, stages: Sequence[int] | int = (1
 
     cfg = _Config(st, asdict(budget), p0, T, alpha, max_steps, tuple(kinds), score, min_width, round_to, normalize,
                   recover_epochs, recover_batches, s2rb, final_epochs, calib_batches, calib_batch_size, num_taps,
-                  lr, seed)
+                  lr, seed, max_retries, float(retry_factor))
     cfg_json = json.loads(json.dumps(asdict(cfg)))
     val = make_loader(data.val, 256)
     val_batches = list(val)
@@ -410,7 +425,7 @@ def idap(model: nn.Module, data: DataSplits, *, stages: Sequence[int] | int = (1
     ctx = _Run(meter=meter, data=data, calib=calib, cfg=cfg, rec_cfg=rec_cfg, progress=progress)
 
     current = dense
-    state = {"config": cfg_json, "stage_pos": 0, "t": 0, "steps": [], "removed": [], "essential": [],
+    state = {"config": cfg_json, "stage_pos": 0, "t": 0, "retry": 0, "steps": [], "removed": [], "essential": [],
              "ranking": None, "tried": 0, "stage_reasons": {}, "stop_reason": "", "done": False,
              "final_done": False}
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -511,7 +526,8 @@ class _Run:
         reason = f"schedule finished ({cfg.max_steps} steps)"
         while state["t"] < cfg.max_steps:
             t = state["t"]
-            frac = min(schedule_fraction(t, cfg.p0, cfg.T, cfg.alpha), 0.9)
+            retry = int(state.get("retry", 0))
+            frac = min(schedule_fraction(t, cfg.p0, cfg.T, cfg.alpha), 0.9) * cfg.retry_factor ** retry
             units = find_units(model, example, kinds=cfg.kinds)
             if not units:
                 reason = "no prunable unit left"
@@ -522,7 +538,9 @@ class _Run:
                              normalize=cfg.normalize)
             cuts = {k: v for k, v in cuts.items() if len(v) > 0}
             if not cuts:
-                reason = "nothing left to prune (every unit at min_width)"
+                reason = ("nothing left to prune (every unit at min_width)" if retry == 0 else
+                          f"budget violated at step {t}; retry {retry} (fraction {frac:.4f}) cuts nothing; "
+                          "rolled back to the previous model")
                 break
             cand = apply_cuts(model, cuts, example_inputs=example)
             reestimate_bn(cand, self.calib)
@@ -530,19 +548,30 @@ class _Run:
             if not self.meter.quality(cand)["within"]:  # early stopping at epoch 0: no recovery needed
                 taps = _unit_taps(units, cuts, cfg.num_taps)
                 rec = self.recover(cand, model, taps, epochs=cfg.recover_epochs, batches=cfg.recover_batches,
-                                   seed=cfg.seed * 1000 + t)
+                                   seed=cfg.seed * 1000 + t + 100_000 * retry)
             stats = self.meter.measure(cand)
-            step = {"stage": 1, "step": t, "fraction": frac, "units_cut": int(sum(len(v) for v in cuts.values())),
-                    "recovery_epochs": rec["epochs"], **_public(stats)}
-            state["t"] = t + 1
+            step = {"stage": 1, "step": t, "retry": retry, "fraction": frac,
+                    "units_cut": int(sum(len(v) for v in cuts.values())), "recovery_epochs": rec["epochs"],
+                    **_public(stats)}
             if not stats["within"]:
                 step["accepted"] = False
                 state["steps"].append(step)
-                reason = (f"budget violated at step {t} ({', '.join(stats['violations'])}: "
-                          f"drop {100 * stats['drop']:.2f} pts, output error {stats['output_error']:.4f}); "
-                          f"rolled back to the previous model")
+                why = (f"{', '.join(stats['violations'])}: drop {100 * stats['drop']:.2f} pts, "
+                       f"output error {stats['output_error']:.4f}")
+                if retry < cfg.max_retries:  # roll back (``model`` is untouched) and retry with a smaller cut
+                    state["retry"] = retry + 1
+                    log.info("idap stage 1: step %d (fraction %.4f) violated the budget (%s); rolled back, "
+                             "retry %d", t, frac, why, retry + 1)
+                    checkpoint_model(self, state, checkpoint, model)
+                    continue
+                state["t"] = t + 1
+                state["retry"] = 0
+                tries = f" after {retry} retr{'y' if retry == 1 else 'ies'}" if retry else ""
+                reason = f"budget violated at step {t}{tries} ({why}); rolled back to the previous model"
                 log.info("idap stage 1: %s", reason)
                 break
+            state["t"] = t + 1
+            state["retry"] = 0
             step["accepted"] = True
             state["steps"].append(step)
             model = cand

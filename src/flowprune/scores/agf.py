@@ -20,11 +20,21 @@ is one forward and one backward with the *summed* loss). Choices (options, defau
 * ``calibration``: ``"frozen"`` -- eval mode, no weight updates; ``"trajectory"`` -- a copy
   of the model takes one SGD step (``trajectory_lr``) in train mode after each scoring batch.
 
-Only feature gradients are requested (``torch.autograd.grad`` w.r.t. the captured features),
-so no weight gradient is computed for the score and ``.grad`` is never written.
+Cost: frozen calibration turns the weights' ``requires_grad`` off for the call (restored after),
+so autograd neither saves tensors only weight gradients need nor computes weight gradients, and
+``.grad`` is never written. Each distinct feature tensor gets a tensor hook (from a forward hook);
+when backward reaches it, ``Y * dL/dY`` is reduced at once to per-sample, per-channel sums
+(B, C) in the feature's dtype (float32), and the hook's reference to ``Y`` is dropped, so no
+feature gradient outlives its hook (peak memory about that of one training step). Backward runs
+from the loss down to the earliest captured features only (``torch.autograd.grad`` w.r.t. the
+features with no other captured feature below them): nothing below them (the stem) is
+differentiated. The per-unit sums and the batch means are then formed in float64 from those
+(B, C) sums, exactly as the reference computation does (the scores are bit-identical to it).
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch import nn
@@ -32,7 +42,6 @@ from torch import nn
 from flowprune.errors import FlowpruneError, bad_choice
 from flowprune.scores.base import (
     Score,
-    channel_sums,
     cross_entropy_sum,
     device_of,
     modules_of,
@@ -78,68 +87,170 @@ class AGF(Score):
         mods = modules_of(work)
         dev = device_of(work)
         plan = {u.name: feature_members(u, o["feature"]) for u in units}
-        hooked: dict[tuple[str, str], list[torch.Tensor]] = {}
+        layout = {m.module_name: _layout(mods[m.module_name]) for members in plan.values() for m, _ in members}
+        keys: dict[tuple[str, str], list[int]] = {}  # (module, "input"/"output") -> captured features, call order
         for members in plan.values():
             for m, where in members:
-                hooked.setdefault((m.module_name, where), [])
+                keys.setdefault((m.module_name, where), [])
+        acc = _FeatureSums(absolute=o["abs_mode"] == "elementwise")
         handles = []
-        for (name, where) in hooked:
-            store = hooked[(name, where)]
+        for (name, where), store in keys.items():
+            lay = layout[name]
             if where == "input":
-                handles.append(mods[name].register_forward_pre_hook(lambda _m, a, s=store: s.append(a[0])))
+                handles.append(mods[name].register_forward_pre_hook(
+                    lambda _m, a, s=store, k=lay: s.append(acc.capture(a[0], k))))
             else:
-                handles.append(mods[name].register_forward_hook(lambda _m, a, out, s=store: s.append(out)))
+                handles.append(mods[name].register_forward_hook(
+                    lambda _m, _a, out, s=store, k=lay: s.append(acc.capture(out, k))))
         totals = {u.name: torch.zeros(u.size, dtype=torch.float64) for u in units}
-        params = [p for p in work.parameters()]
-        need_input_grad = not all(p.requires_grad for p in params)
-        opt = torch.optim.SGD([p for p in params if p.requires_grad], lr=float(o["trajectory_lr"])) if trajectory else None
+        params = [p for p in work.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=float(o["trajectory_lr"])) if trajectory else None
+        # Frozen calibration wants no weight gradient: with the weights' requires_grad off (restored by
+        # Score.__call__), autograd saves no tensor that only a weight gradient needs and backward runs
+        # from the loss down to the (floating-point) input. Integer inputs (token ids) keep the weights on.
+        frozen = not trajectory and all(torch.is_tensor(b[0]) and b[0].is_floating_point() for b in batches)
+        if frozen:
+            for p in params:
+                p.requires_grad_(False)
         try:
             with torch.enable_grad():
                 for x, y in batches:
-                    for s in hooked.values():
+                    for s in keys.values():
                         s.clear()
+                    acc.reset()
                     x, y = x.to(dev), y.to(dev)
-                    if need_input_grad:
-                        x = x.clone().requires_grad_(True)
+                    leaf = x.is_floating_point()
+                    if leaf:  # backward runs down to the input: every feature's hook fires on the way
+                        x = x.detach().requires_grad_(True)
                     loss = cross_entropy_sum(work(x), y)
-                    uniq: dict[int, torch.Tensor] = {}
-                    for s in hooked.values():
-                        for t in s:
-                            if t.requires_grad:
-                                uniq.setdefault(id(t), t)
-                    tensors = list(uniq.values())
-                    wanted = tensors + ([p for p in params if p.requires_grad] if trajectory else [])
+                    # frozen: backward stops at the earliest features (no captured feature lies below them):
+                    # it passes through every captured feature and differentiates nothing below (the stem)
+                    wanted = acc.roots() if frozen else ([x] if leaf else []) + params
+                    if not wanted or not loss.requires_grad:
+                        raise FlowpruneError("agf: the loss does not depend on any input or parameter that can "
+                                             "carry a gradient")
                     grads = torch.autograd.grad(loss, wanted, allow_unused=True)
-                    gmap = {id(t): g for t, g in zip(tensors, grads[:len(tensors)])}
+                    pgrads = () if frozen else grads[len(wanted) - len(params):]  # weight gradients (trajectory)
+                    del grads, loss, wanted
                     bsz = x.shape[0]
                     for u in units:
-                        acc = torch.zeros(bsz, u.size, dtype=torch.float64, device=dev)
+                        u_acc = torch.zeros(bsz, u.size, dtype=torch.float64, device=dev)
                         seen: set[int] = set()
                         for m, where in plan[u.name]:
-                            mod = mods[m.module_name]
-                            for t in hooked[(m.module_name, where)]:
-                                g = gmap.get(id(t))
-                                if g is None or id(t) in seen:
+                            for key in keys[(m.module_name, where)]:
+                                per = acc.sums.get((key, layout[m.module_name]))
+                                if per is None or key in seen:
                                     continue
-                                seen.add(id(t))
-                                prod = t.detach() * g  # reduced in the feature dtype, accumulated in float64
-                                per = channel_sums(prod, mod, absolute=o["abs_mode"] == "elementwise").double()
+                                seen.add(key)
+                                per = per.double()
                                 part = torch.zeros(bsz, u.size, dtype=torch.float64, device=dev)
                                 part.index_add_(1, m.root_idxs.to(dev), per[:, m.idxs.to(dev)])
-                                acc += part.abs() if o["abs_mode"] == "after_sum" else part
-                        totals[u.name] += acc.mean(0).cpu()
+                                u_acc += part.abs() if o["abs_mode"] == "after_sum" else part
+                        totals[u.name] += u_acc.mean(0).cpu()
                     if trajectory:
                         with torch.no_grad():
-                            for p, g in zip([p for p in params if p.requires_grad], grads[len(tensors):]):
+                            for p, g in zip(params, pgrads):
                                 p.grad = None if g is None else g / bsz
                         opt.step()
                         opt.zero_grad(set_to_none=True)
+                    del pgrads
         finally:
             for h in handles:
                 h.remove()
-            for s in hooked.values():
+            for s in keys.values():
                 s.clear()
+            acc.reset()
         return {k: (v / max(1, len(batches))).float() for k, v in totals.items()}
+
+
+def _layout(module: nn.Module) -> str:
+    """How a module's feature tensor holds channels: ``"conv"`` (B, C, *S) or ``"linear"`` (B, ..., C)."""
+    return "conv" if isinstance(module, nn.modules.conv._ConvNd) else "linear"
+
+
+def _channel_sums(t: torch.Tensor, lay: str, absolute: bool) -> torch.Tensor:
+    """``base.channel_sums`` by layout name: (B, C) per-sample sums over positions."""
+    if absolute:
+        t = t.abs()
+    if lay == "conv":
+        return t.flatten(2).sum(2) if t.dim() > 2 else t
+    if t.dim() == 1:
+        return t.unsqueeze(0)
+    return t.reshape(t.shape[0], -1, t.shape[-1]).sum(1)
+
+
+class _FeatureSums:
+    """Per-batch store of the per-sample, per-channel sums of ``Y * dL/dY`` over each feature's positions.
+
+    :meth:`capture` (called from a forward hook) gives every distinct feature tensor that carries a
+    gradient a key and registers a tensor hook on it; when backward reaches the tensor the hook
+    reduces ``Y * dL/dY`` (in the feature's dtype, float32 for float32 models) at once to ``(B, C)``
+    per layout the feature is read with, and drops its reference to ``Y``. So no feature gradient
+    outlives its hook and no feature is kept after its gradient has been used: the peak is the
+    forward's saved activations plus one gradient in flight, as in a training step.
+    """
+
+    def __init__(self, absolute: bool):
+        self.absolute = absolute
+        self.reset()
+
+    def reset(self) -> None:
+        self.entries: dict[int, tuple[weakref.ref, int]] = {}  # id(tensor) -> (weak ref, key)
+        self.feats: dict[int, torch.Tensor] = {}  # key -> detached Y, until its gradient arrives
+        self.layouts: dict[int, set[str]] = {}
+        self.sums: dict[tuple[int, str], torch.Tensor] = {}
+        self.next_key = 0
+        self.alive: list[torch.Tensor] = []
+
+    def capture(self, t: torch.Tensor, lay: str) -> int:
+        """Key of feature ``t`` (the same tensor read twice gets one key); -1 if it carries no gradient."""
+        if not isinstance(t, torch.Tensor) or not t.requires_grad:
+            return -1
+        hit = self.entries.get(id(t))
+        if hit is not None and hit[0]() is t:
+            self.layouts[hit[1]].add(lay)
+            return hit[1]
+        key = self.next_key
+        self.next_key += 1
+        self.entries[id(t)] = (weakref.ref(t), key)
+        self.alive.append(t)  # until :meth:`roots` (the forward is over): the graph's own tensor objects
+        self.feats[key] = t.detach()
+        self.layouts[key] = {lay}
+        t.register_hook(lambda g, k=key: self._on_grad(k, g))  # the closure holds no reference to t
+        return key
+
+    def roots(self) -> list[torch.Tensor]:
+        """The captured features with no captured feature below them in the graph; forgets the others.
+
+        A backward to these passes through every captured feature (each one is a root or lies
+        above one), so every tensor hook fires. Called once the forward is over.
+        """
+        fns = {t.grad_fn for t in self.alive if t.grad_fn is not None}
+        has_feature_below: dict = {}  # graph node -> a captured feature's node lies below it (towards the input)
+        for start in fns:
+            stack = [(start, False)]
+            while stack:  # iterative post-order walk (graphs can be deeper than Python's recursion limit)
+                n, kids_done = stack.pop()
+                if n in has_feature_below:
+                    continue
+                kids = [m for m, _ in n.next_functions if m is not None]
+                if kids_done:
+                    has_feature_below[n] = any(k in fns or has_feature_below[k] for k in kids)
+                else:
+                    stack.append((n, True))
+                    stack.extend((k, False) for k in kids if k not in has_feature_below)
+        out = [t for t in self.alive if t.grad_fn is None or not has_feature_below[t.grad_fn]]
+        self.alive = []
+        return out
+
+    def _on_grad(self, key: int, g: torch.Tensor) -> None:
+        y = self.feats.pop(key, None)
+        if y is None:
+            return
+        prod = y * g  # reduced in the feature dtype, accumulated in float64 by the caller
+        del y
+        for lay in self.layouts[key]:
+            self.sums[(key, lay)] = _channel_sums(prod, lay, self.absolute).detach()
 
 
 def copy_for_trajectory(model: nn.Module) -> nn.Module:
