@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flowprune.backend import safe_conv_backward
 from flowprune.data import DataSplits, TensorBatchLoader, make_loader
 from flowprune.errors import FlowpruneError, bad_choice, check_fraction, check_positive_int
 from flowprune.measure import accuracy
@@ -140,6 +141,15 @@ def fit(model: nn.Module, data: DataSplits | TensorBatchLoader, config: TrainCon
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
         tqdm = None
+    with safe_conv_backward(model):
+        _run_epochs(model, loader, cfg, opt, sched, history, start_epoch, steps_per_epoch, dev, show, tqdm,
+                    val_data, extra_loss, on_epoch_end, ckpt_path)
+    model.eval()
+    return history
+
+
+def _run_epochs(model, loader, cfg, opt, sched, history, start_epoch, steps_per_epoch, dev, show, tqdm,
+                val_data, extra_loss, on_epoch_end, ckpt_path) -> None:
     for epoch in range(start_epoch, cfg.epochs):
         torch.manual_seed(cfg.seed * 1_000_003 + epoch)
         if hasattr(loader, "set_epoch"):
@@ -184,8 +194,6 @@ def fit(model: nn.Module, data: DataSplits | TensorBatchLoader, config: TrainCon
         if stop:
             history["stopped_early"] = True
             break
-    model.eval()
-    return history
 
 
 @torch.no_grad()

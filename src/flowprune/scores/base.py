@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from flowprune.backend import safe_conv_backward
 from flowprune.errors import FlowpruneError, bad_choice
 
 _REGISTRY: dict[str, type[Score]] = {}
@@ -89,7 +90,7 @@ class Score:
             raise FlowpruneError(f"score {self.name!r} needs calibration batches [(x, y), ...]; got none")
         if self.needs_labels and batches:
             check_labels(model, batches)
-        with preserved(model):
+        with preserved(model), safe_conv_backward(model):
             out = self.compute(model, list(units), list(batches or []))
         return {u.name: out[u.name].detach().float().cpu().reshape(u.size) for u in units}
 
