@@ -134,3 +134,21 @@ def test_measurement_leaves_mode_alone(trained_lenet_mnist):
     assert m.training
     for k, v in m.state_dict().items():
         assert torch.equal(v, snapshot[k])
+
+
+def test_oneDNN_guard_only_for_irregular_conv_widths(monkeypatch):
+    from flowprune.backend import has_irregular_convs, safe_conv_backward
+
+    dense = build_model("resnet20", (1, 8, 8), 10)
+    assert not has_irregular_convs(dense)
+    cut = build_model("resnet20", (1, 8, 8), 10)
+    cut.layer1[0].conv1 = torch.nn.Conv2d(16, 9, 3, padding=1, bias=False)
+    assert has_irregular_convs(cut)
+    with safe_conv_backward(dense):
+        assert torch.backends.mkldnn.enabled
+    with safe_conv_backward(cut):
+        assert not torch.backends.mkldnn.enabled
+    assert torch.backends.mkldnn.enabled
+    monkeypatch.setenv("FLOWPRUNE_MKLDNN", "1")
+    with safe_conv_backward(cut):
+        assert torch.backends.mkldnn.enabled

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -43,5 +44,8 @@ def safe_conv_backward(model: nn.Module):
     if env == "1" or (env != "0" and not has_irregular_convs(model)):
         yield
         return
-    with torch.backends.mkldnn.flags(enabled=False):
-        yield
+    with warnings.catch_warnings():
+        # torch warns about TF32 on Intel GPUs whenever the oneDNN flags are touched; irrelevant here
+        warnings.filterwarnings("ignore", message=".*TF32 acceleration on top of oneDNN.*")
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield
