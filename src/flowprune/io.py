@@ -201,10 +201,16 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.M
     d = _resolve(path)
     recipe = read_recipe(d)
     tensors = load_file(str(d / WEIGHTS_FILE), device="cpu")
+    return model_from_tensors(recipe, tensors, where=d, device=device)
+
+
+def model_from_tensors(recipe: dict, tensors: dict[str, torch.Tensor], *, where: str | os.PathLike = "",
+                       device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the recipe's architecture, load ``tensors`` into it strictly, and tag it (eval mode)."""
     model = rebuild(recipe, {k: tuple(v.shape) for k, v in tensors.items()})
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
-        raise FlowpruneError(f"{d}: weights do not fit the recipe (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise FlowpruneError(f"{where}: weights do not fit the recipe (missing {missing[:5]}, unexpected {unexpected[:5]})")
     model.flowprune_base = recipe["base"]
     model.flowprune_metadata = recipe.get("metadata", {})
     return model.to(device).eval()

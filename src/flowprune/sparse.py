@@ -163,13 +163,7 @@ def load_sparse(path: str | os.PathLike, *, device: str | torch.device = "cpu") 
         except RuntimeError as e:
             raise FlowpruneError(f"{d}: sparse tensor {k!r} is malformed: {e}") from None
         tensors[k] = csr.to_dense().reshape(shape)
-    model = fio.rebuild(recipe, {k: tuple(v.shape) for k, v in tensors.items()})
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise FlowpruneError(f"{d}: weights do not fit the recipe (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    model.flowprune_base = recipe["base"]
-    model.flowprune_metadata = recipe.get("metadata", {})
-    return model.to(device).eval()
+    return fio.model_from_tensors(recipe, tensors, where=d, device=device)
 
 
 def _csr(w2d: torch.Tensor) -> torch.Tensor:
