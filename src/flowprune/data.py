@@ -143,7 +143,10 @@ def _mnist1d_arrays() -> tuple[np.ndarray, np.ndarray, dict]:
                                       "licence": "MNIST-1D (Greydanus), Apache-2.0", "mean": mean, "std": std}
 
 
-def _imagefolder_arrays(path: str, image_size: int) -> tuple[np.ndarray, np.ndarray, dict]:
+ON_BAD_IMAGE = ("skip", "error")
+
+
+def _imagefolder_arrays(path: str, image_size: int, on_bad_image: str = "skip") -> tuple[np.ndarray, np.ndarray, dict]:
     root = Path(path)
     if not root.is_dir():
         raise FlowpruneError(f"imagefolder directory {str(root)!r} does not exist; pass imagefolder:PATH "
@@ -155,21 +158,37 @@ def _imagefolder_arrays(path: str, image_size: int) -> tuple[np.ndarray, np.ndar
         raise FlowpruneError("imagefolder data needs torchvision: pip install 'flowprune[vision]'") from None
     try:
         ds = ImageFolder(str(root))
-    except (FileNotFoundError, RuntimeError) as e:
+    except (FileNotFoundError, RuntimeError, OSError) as e:
         raise FlowpruneError(f"imagefolder {str(root)!r} holds no readable images: {e}") from None
     tf = v2.Compose([v2.ToImage(), v2.Resize((image_size, image_size), antialias=True),
                      v2.ToDtype(torch.float32, scale=True)])
-    xs, ys = [], []
+    xs, ys, bad = [], [], []
     for img_path, label in ds.samples:
-        img = ds.loader(img_path)
-        xs.append(tf(img))
+        try:
+            img = ds.loader(img_path)
+            x = tf(img)
+        except Exception as e:  # PIL.UnidentifiedImageError, truncated files, unreadable files, odd modes
+            if on_bad_image == "error":
+                raise FlowpruneError(f"imagefolder image {img_path!r} cannot be read ({type(e).__name__}: {e}); "
+                                     "fix or remove it, or pass on_bad_image='skip' (--on-bad-image skip)") from None
+            bad.append(img_path)
+            continue
+        xs.append(x)
         ys.append(label)
+    if bad:
+        import warnings
+
+        warnings.warn(f"imagefolder {str(root)!r}: skipped {len(bad)} unreadable image(s) of {len(ds.samples)}, "
+                      f"e.g. {bad[0]!r} (on_bad_image='error' stops instead)", stacklevel=3)
+    if not xs:
+        raise FlowpruneError(f"imagefolder {str(root)!r} holds no readable images ({len(bad)} unreadable)")
     x = torch.stack(xs).numpy()
     mean = x.mean(axis=(0, 2, 3), keepdims=True)
     std = x.std(axis=(0, 2, 3), keepdims=True) + 1e-6
     x = (x - mean) / std
     return x.astype(np.float32), np.asarray(ys, dtype=np.int64), {
-        "source": str(root), "classes": ds.classes, "mean": mean.ravel().tolist(), "std": std.ravel().tolist()}
+        "source": str(root), "classes": ds.classes, "mean": mean.ravel().tolist(), "std": std.ravel().tolist(),
+        "skipped_images": len(bad), "skipped_examples": bad[:10]}
 
 
 def _network_reachable(host: str = "download.pytorch.org", port: int = 443, timeout: float = 3.0) -> bool:
@@ -243,7 +262,7 @@ def available_datasets() -> list[str]:
 
 def load_dataset(name: str = "mnist5k", *, seed: int = 0, val_fraction: float = 0.1,
                  test_fraction: float = 0.2, root: str | None = None, image_size: int = 32,
-                 limit: int | None = None) -> DataSplits:
+                 limit: int | None = None, on_bad_image: str = "skip") -> DataSplits:
     """Load a data set by name and split it train/val/test, stratified, from ``seed``.
 
     Args:
@@ -254,6 +273,9 @@ def load_dataset(name: str = "mnist5k", *, seed: int = 0, val_fraction: float = 
         root: where ``tv:NAME`` sets are (or are downloaded to).
         image_size: side length images of ``imagefolder:`` sets are resized to.
         limit: keep only the first ``limit`` samples of a stratified shuffle (quick tests).
+        on_bad_image: ``imagefolder:`` images that cannot be read are skipped with a warning that
+            counts them (``"skip"``, the default; the count is in ``info["skipped_images"]``) or
+            stop the load with an error naming the file (``"error"``).
 
     Raises:
         FlowpruneError: unknown name, missing directory, impossible split.
@@ -267,6 +289,12 @@ def load_dataset(name: str = "mnist5k", *, seed: int = 0, val_fraction: float = 
                              "leave a share of the data for training")
     if limit is not None:
         check_positive_int("limit", limit)
+    if on_bad_image not in ON_BAD_IMAGE:
+        raise bad_choice("on_bad_image", on_bad_image, ON_BAD_IMAGE)
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or not 1 <= image_size <= 4096:
+        raise FlowpruneError(f"image_size must be an integer in [1, 4096], got {image_size!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+        raise FlowpruneError(f"seed must be an integer in [0, 2147483647], got {seed!r}")
     if name == "mnist5k":
         x, y, info = _mnist5k_arrays()
     elif name == "digits":
@@ -274,7 +302,7 @@ def load_dataset(name: str = "mnist5k", *, seed: int = 0, val_fraction: float = 
     elif name == "mnist1d":
         x, y, info = _mnist1d_arrays()
     elif name.startswith("imagefolder:"):
-        x, y, info = _imagefolder_arrays(name.split(":", 1)[1], image_size)
+        x, y, info = _imagefolder_arrays(name.split(":", 1)[1], image_size, on_bad_image)
     elif name.startswith("tv:"):
         x, y, info = _torchvision_arrays(name.split(":", 1)[1], root, None)
     else:
