@@ -7,6 +7,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from flowprune import export  # noqa: E402  (a callable module: fp.export(model, path), fp.export.OnnxCascade)
 from flowprune.api import train_model  # noqa: E402
 from flowprune.data import DataSplits, load_dataset, make_loader  # noqa: E402
 from flowprune.errors import FlowpruneError  # noqa: E402
@@ -24,6 +25,7 @@ __all__ = [
     "FlowpruneError",
     "accuracy",
     "build_model",
+    "export",
     "count_macs_params",
     "fit",
     "TrainConfig",
