@@ -48,15 +48,19 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         check_positive_int("epochs", self.epochs)
         check_positive_int("batch_size", self.batch_size)
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+        if isinstance(self.lr, bool) or not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise FlowpruneError(f"lr must be a positive number, got {self.lr!r}")
         if self.optimizer not in OPTIMIZERS:
             raise bad_choice("optimizer", self.optimizer, OPTIMIZERS)
         if self.schedule not in SCHEDULES:
             raise bad_choice("schedule", self.schedule, SCHEDULES)
         check_fraction("label_smoothing", self.label_smoothing)
-        if self.weight_decay < 0:
-            raise FlowpruneError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        for name in ("weight_decay", "momentum"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v >= 0):
+                raise FlowpruneError(f"{name} must be a finite number >= 0, got {v!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**31:
+            raise FlowpruneError(f"seed must be an integer in [0, 2147483647], got {self.seed!r}")
         return self
 
 

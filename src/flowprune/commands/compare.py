@@ -18,15 +18,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from flowprune.commands._common import (
     Timer,
     add_data_arguments,
     check_data_fits_model,
-    check_out_dir,
+    check_int,
+    check_out_path,
     load_data,
     load_model_arg,
+    open_run,
+    setup_parser,
 )
 
 NAME = "compare"
@@ -34,6 +38,7 @@ HELP = "compare pruning methods (flowprune scores and Torch-Pruning's) from one 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    setup_parser(p)
     src = p.add_argument_group("dense model")
     src.add_argument("--checkpoint", default=None, help="directory written by `flowprune train --out DIR`")
     src.add_argument("--model", default=None, help="zoo name to train first when no --checkpoint is given")
@@ -72,7 +77,7 @@ def _dense_budget(checkpoint: str) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flowprune.compare import TP_MODES, compare, parse_methods, parse_target
+    from flowprune.compare import TP_MODES, parse_methods, parse_target
     from flowprune.errors import FlowpruneError, bad_choice
     from flowprune.train import TrainConfig
 
@@ -81,34 +86,56 @@ def run(args: argparse.Namespace) -> int:
     targets = [parse_target(t) for t in args.targets.split(",") if t.strip()]
     if not targets:
         raise FlowpruneError(f"--targets {args.targets!r} holds no target; write e.g. 2x,4x,8x")
-    if args.seeds < 1:
-        raise FlowpruneError(f"--seeds must be a positive integer, got {args.seeds}")
+    check_int("--seeds", args.seeds, 1, 1000)
     if args.checkpoint is None and args.model is None:
         raise FlowpruneError("give --checkpoint DIR (a trained model) or --model NAME --epochs N (train one first)")
-    if args.epochs < 1:
-        raise FlowpruneError(f"--epochs must be a positive integer, got {args.epochs}")
-    for name, v, low in (("--finetune-epochs", args.finetune_epochs, 0), ("--calib-batches", args.calib_batches, 1),
-                         ("--calib-batch-size", args.calib_batch_size, 1)):
-        if v < low:
-            raise FlowpruneError(f"{name} must be an integer >= {low}, got {v}")
+    check_int("--epochs", args.epochs, 1)
+    check_int("--finetune-epochs", args.finetune_epochs, 0)
+    check_int("--calib-batches", args.calib_batches, 1)
+    check_int("--calib-batch-size", args.calib_batch_size, 1)
+    check_int("--finetune-batches", args.finetune_batches, 1, allow_none=True)
+    check_int("--scratch-epochs", args.scratch_epochs, 0, allow_none=True)
+    check_int("--scratch-seeds", args.scratch_seeds, 0, allow_none=True)
+    TrainConfig(lr=args.finetune_lr).validate()  # --finetune-lr
     if args.tp_mode not in TP_MODES:
         raise bad_choice("--tp-mode", args.tp_mode, TP_MODES)
     if args.budget is not None and args.budget not in ("layer", "global"):
         raise bad_choice("--budget", args.budget, ("layer", "global"))
-    out = check_out_dir(args.out)
+    check_out_path(args.out)
     data = load_data(args)
     dense_epochs = args.epochs
+    dense_cfg = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed).validate()
+    model = None
     if args.checkpoint is not None:
         model = load_model_arg(args.checkpoint)
         if args.model is not None and args.model != model.flowprune_base["name"]:
             raise FlowpruneError(f"--model {args.model!r} does not match the checkpoint's model "
                                  f"{model.flowprune_base['name']!r}")
         dense_epochs = _dense_budget(args.checkpoint) or args.epochs
+        check_data_fits_model(model, data, "the dense model")
     else:
+        from flowprune.models import build_model
+
+        build_model(args.model, data.input_shape, data.num_classes)  # unknown name -> error before any write
+    run = open_run(args, inputs=(("--checkpoint", args.checkpoint),))
+    if run.finished:
+        return 0
+    out = run.out
+    if run.resumed:
+        n = len(list((out / "runs").glob("*.json"))) if (out / "runs").exists() else 0
+        print(f"flowprune: compare resumes: {n} finished run(s) in {out / 'runs'} are kept", file=sys.stderr)
+    with run:
+        return _work(args, run, out, data, model, dense_epochs, dense_cfg, methods, targets)
+
+
+def _work(args, run, out, data, model, dense_epochs, dense_cfg, methods, targets) -> int:
+    from flowprune.compare import compare
+    from flowprune.train import TrainConfig
+
+    if model is None:
         from flowprune.api import train_model
 
-        cfg = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed).validate()
-        res = train_model(args.model, data, cfg, out_dir=out / "dense", measure_speed=False)
+        res = train_model(args.model, data, dense_cfg, out_dir=out / "dense", measure_speed=False)
         model = res["model"]
         print(f"dense {args.model}: test accuracy {100 * res['accuracy']:.1f} % (saved to {out / 'dense'})")
     check_data_fits_model(model, data, "the dense model")
@@ -121,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
                       scratch_epochs=args.scratch_epochs, scratch_seeds=args.scratch_seeds,
                       plan_options=plan_options, tp_mode=args.tp_mode, measure_speed=not args.no_speed,
                       out_dir=out)
+    run.finish()
     print(res["table"])
     print(f"\n{t.seconds:.0f} s; wrote {out / 'results.json'} and {out / 'compare.md'}")
     return 0

@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from flowprune.commands._common import (
     Timer,
     add_data_arguments,
     check_data_fits_model,
-    check_out_dir,
+    check_out_path,
     load_data,
+    open_run,
+    setup_parser,
 )
 from flowprune.errors import FlowpruneError
 
@@ -32,6 +35,7 @@ HELP = "unstructured pruning by pressure and regrowth (Hyperflows); 'sweep' fits
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    setup_parser(p)
     p.add_argument("action", nargs="?", default="prune", choices=("prune", "sweep"),
                    help="prune (default) or sweep (constant pressures + power-law fit)")
     p.add_argument("--checkpoint", default=None, help="saved dense model directory (flowprune train --out DIR)")
@@ -69,7 +73,8 @@ def _parse_gammas(text: str) -> list[float]:
     return gs
 
 
-def _model(args: argparse.Namespace, data):
+def _model(args: argparse.Namespace, data, *, train: bool = True):
+    """The dense model: loaded from --checkpoint, or (train=True) trained from --model into OUT/dense."""
     from flowprune.commands._common import load_model_arg
 
     if args.checkpoint is not None:
@@ -84,16 +89,23 @@ def _model(args: argparse.Namespace, data):
     from flowprune.api import train_model
     from flowprune.train import TrainConfig
 
-    if not isinstance(args.dense_epochs, int) or args.dense_epochs < 1:
-        raise FlowpruneError(f"--dense-epochs must be a positive integer, got {args.dense_epochs!r}")
+    cfg = TrainConfig(epochs=args.dense_epochs, seed=args.seed)
+    try:
+        cfg.validate()
+    except FlowpruneError as e:
+        raise FlowpruneError(f"--dense-epochs: {e}") from None
+    if not train:
+        from flowprune.models import build_model
+
+        build_model(args.model, data.input_shape, data.num_classes)  # unknown name -> error before any write
+        return None
     res = train_model(args.model, data, TrainConfig(epochs=args.dense_epochs, seed=args.seed),
                       out_dir=Path(args.out) / "dense", measure_speed=False)
     return res["model"]
 
 
 def run(args: argparse.Namespace) -> int:
-    from flowprune.pruning.hyperflows import HyperflowsConfig, hyperflows_prune, pressure_sweep
-    from flowprune.report import format_table, write_results
+    from flowprune.pruning.hyperflows import HyperflowsConfig
 
     # validate before any work
     cfg = HyperflowsConfig(target_sparsity=args.target_sparsity, prune_epochs=args.epochs,
@@ -109,18 +121,38 @@ def run(args: argparse.Namespace) -> int:
         lp = lp / "results.json" if lp.is_dir() else lp
         if not lp.exists():
             raise FlowpruneError(f"--law {args.law!r} does not exist; pass the results.json of a sweep")
-        law = json.loads(lp.read_text()).get("fit")
-        if not law:
+        from flowprune.io import read_json_file
+
+        law = read_json_file(lp, "sweep results.json").get("fit")
+        if not law or not isinstance(law, dict):
             raise FlowpruneError(f"--law {args.law!r} holds no fit (the sweep had fewer than two usable points)")
-    out = check_out_dir(args.out)
+    check_out_path(args.out)
     data = load_data(args)
-    model = _model(args, data)
+    model = _model(args, data, train=False)
+    run = open_run(args, inputs=(("--checkpoint", args.checkpoint),))
+    if run.finished:
+        return 0
+    out = run.out
+    if run.resumed:
+        done = [p.name for p in (out.glob("gamma_*/hyperflows.pt") if args.action == "sweep" else
+                                 out.glob("hyperflows.pt"))]
+        print(f"flowprune: hyperflows resumes from {len(done)} checkpoint(s) in {out}", file=sys.stderr)
+    with run:
+        if model is None:
+            model = _model(args, data)
+        return _work(args, run, out, data, model, cfg, gammas, law)
+
+
+def _work(args, run, out, data, model, cfg, gammas, law) -> int:
+    from flowprune.pruning.hyperflows import hyperflows_prune, pressure_sweep
+    from flowprune.report import format_table, write_results
 
     if args.action == "sweep":
         with Timer() as t:
             res = pressure_sweep(model, data, gammas, cfg, out_dir=out, resume=not args.no_resume)
         res["seconds"] = t.seconds
         write_results(out / "results.json", res)
+        run.finish()
         print(format_table([{k: r[k] for k in ("gamma", "remaining", "sparsity", "accuracy")} for r in res["runs"]],
                            title=f"pressure sweep, {args.epochs} epochs each", digits=4))
         if res["fit"]:
@@ -159,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
                         "sparse_layers": fast.sparse_layers}
     res["test_accuracy"] = res["accuracy"]
     write_results(out / "results.json", res)
+    run.finish()
     row = {"target": cfg.target_sparsity, "sparsity": res["sparsity"],
            "before correction": res["correction"]["sparsity_before"], "test acc %": 100 * res["accuracy"],
            "regrew": res["regrew_total"], "seconds": t.seconds}

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from flowprune.commands._common import (
     Timer,
     add_data_arguments,
     check_data_fits_model,
-    check_out_dir,
+    check_out_path,
     load_data,
     load_model_arg,
+    open_run,
+    setup_parser,
 )
 from flowprune.errors import FlowpruneError
 
@@ -28,6 +31,7 @@ def parse_stages(text: str) -> tuple[int, ...]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    setup_parser(p)
     p.add_argument("--model", default=None, help="zoo name of the model (checked against the checkpoint; optional)")
     p.add_argument("--checkpoint", required=True, help="trained dense model directory (written by `flowprune train`)")
     add_data_arguments(p)
@@ -67,21 +71,23 @@ def run(args: argparse.Namespace) -> int:
     from flowprune.report import format_table, write_results
 
     stages = parse_stages(args.stages)
-    if args.max_drop is not None and args.max_drop < 0:
-        raise FlowpruneError(f"--max-drop must be >= 0 (a budget below zero cannot be met), got {args.max_drop}")
-    if args.max_output_error is not None and args.max_output_error < 0:
-        raise FlowpruneError(f"--max-output-error must be >= 0, got {args.max_output_error}")
+    check_out_path(args.out)
     model = load_model_arg(args.checkpoint)
     if args.model is not None and model.flowprune_base.get("name") != args.model:
         raise FlowpruneError(f"--model {args.model!r} does not match the checkpoint's model "
                              f"{model.flowprune_base.get('name')!r}")
     data = load_data(args)
     check_data_fits_model(model, data)
-    out = check_out_dir(args.out)
+    run = open_run(args, inputs=(("--checkpoint", args.checkpoint),))
+    if run.finished:
+        return 0
+    out = run.out
     ckpt = out / "checkpoint"
     if args.no_resume and ckpt.exists():
         shutil.rmtree(ckpt)
-    with Timer() as t:
+    elif run.resumed and (ckpt / "idap_state.json").exists():
+        print(f"flowprune: idap resumes from its checkpoint in {ckpt}", file=sys.stderr)
+    with run, Timer() as t:
         res = idap(model, data, stages=stages, max_drop=None if args.no_accuracy_budget else args.max_drop,
                    max_output_error=args.max_output_error, target_macs=args.target_macs,
                    target_params=args.target_params, p0=args.p0, T=args.T, alpha=args.alpha,
@@ -98,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
                                                 "essential_blocks": res.essential_blocks,
                                                 "stop_reason": res.stop_reason})
     write_results(out / "results.json", summary)
+    run.finish()
     rows = [{"step": f"{s['stage']}.{s.get('step', '')}", "block": s.get("block", ""),
              "accepted": s.get("accepted"), "val acc %": 100 * s["accuracy"] if "accuracy" in s else None,
              "MACs": s.get("macs"), "params": s.get("params")} for s in res.steps]

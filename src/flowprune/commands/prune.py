@@ -11,14 +11,17 @@ Step checkpoints go to ``OUT/steps/`` so an interrupted run resumes.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from flowprune.commands._common import (
     Timer,
     add_data_arguments,
     check_data_fits_model,
-    check_out_dir,
+    check_out_path,
     load_data,
     load_model_arg,
+    open_run,
+    setup_parser,
 )
 
 NAME = "prune"
@@ -26,6 +29,7 @@ HELP = "prune a trained model's channels / neurons / heads by AGF or a baseline 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    setup_parser(p)
     p.add_argument("--checkpoint", required=True, help="directory written by `flowprune train --out DIR`")
     p.add_argument("--model", default=None, help="zoo name, checked against the checkpoint (optional)")
     add_data_arguments(p)
@@ -64,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         raise bad_choice("--method", args.method, list_scores())
     if args.target_macs is None and args.ratio is None:
         raise FlowpruneError("give --target-macs (e.g. 4x) or --ratio (a fraction in [0, 1))")
-    out = check_out_dir(args.out)
+    check_out_path(args.out)
     model = load_model_arg(args.checkpoint)
     base = model.flowprune_base
     if args.model is not None and args.model != base["name"]:
@@ -72,10 +76,20 @@ def run(args: argparse.Namespace) -> int:
     data = load_data(args)
     check_data_fits_model(model, data, "the checkpoint's model")
     final_ft = args.finetune_epochs if args.final_finetune_epochs is None else args.final_finetune_epochs
-    cfg = TrainConfig(lr=args.lr, seed=args.seed)
+    cfg = TrainConfig(lr=args.lr, seed=args.seed).validate()
+    run = open_run(args, inputs=(("--checkpoint", args.checkpoint),))
+    if run.finished:
+        return 0
+    out = run.out
+    if run.resumed and (out / "steps" / "state.json").exists():
+        import json
+
+        done = json.loads((out / "steps" / "state.json").read_text()).get("step")
+        print(f"flowprune: prune resumes after step {done} of {args.steps} (checkpoints in {out / 'steps'})",
+              file=sys.stderr)
     test = make_loader(data.test, 512)
     dense_acc = accuracy(model, test)
-    with Timer() as t:
+    with run, Timer() as t:
         res = prune(model, data, args.method, target_macs=args.target_macs, ratio=args.ratio, steps=args.steps,
                     schedule=args.schedule, budget=args.budget, calib_batches=args.calib_batches,
                     calib_batch_size=args.calib_batch_size, finetune_epochs=args.finetune_epochs,
@@ -113,5 +127,6 @@ def run(args: argparse.Namespace) -> int:
                          "latency b1 ms": results.get("latency_ms_b1")}]))
     if res.unsupported:
         print(f"left intact (flowprune cannot cut them): {', '.join(res.unsupported)}")
+    run.finish()
     print(f"saved to {out}/ (model.safetensors, model.json, results.json)")
     return 0

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from flowprune.commands._common import (
     add_data_arguments,
     check_data_fits_model,
-    check_out_dir,
+    check_out_path,
     load_data,
     load_model_arg,
+    open_run,
+    setup_parser,
 )
 
 NAME = "route"
@@ -19,6 +22,7 @@ HELP = "route inputs between a light (pruned) and a heavy (full) model with a ca
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from flowprune.route.routers import ROUTERS
 
+    setup_parser(p)
     p.add_argument("--light", required=True, help="saved light expert (directory written by flowprune)")
     p.add_argument("--heavy", required=True, help="saved heavy expert (directory written by flowprune)")
     add_data_arguments(p)
@@ -32,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="accepted standard error of the calibrated usage/accuracy (default 0.05)")
     p.add_argument("--l1-direction", default="auto", choices=("auto", "low_is_hard", "high_is_hard"),
                    help="l1 router: which feature-norm direction means hard (auto: chosen on val)")
+    p.add_argument("--learned-fraction", type=float, default=0.5,
+                   help="learned router: share of the val split that trains it, in (0, 1) (default 0.5)")
+    p.add_argument("--learned-hidden", type=int, default=32, help="learned router: hidden units (default 32)")
     p.add_argument("--no-speed", action="store_true", help="skip latency/throughput/overhead measurement")
     p.add_argument("--no-sweep", action="store_true", help="skip the threshold sweep (Pareto curve)")
     p.add_argument("--no-diagnostic", action="store_true", help="skip the AGF signal-compression diagnostic")
@@ -39,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flowprune.errors import check_fraction
+    from flowprune.errors import check_fraction, check_positive_int
     from flowprune.report import format_table
     from flowprune.route.api import route_experts
     from flowprune.route.calibrate import check_target
@@ -47,17 +54,28 @@ def run(args: argparse.Namespace) -> int:
     check_target(args.heavy_budget if args.max_drop is not None or args.heavy_budget is not None else 0.5,
                  args.max_drop)
     check_fraction("--tolerance", args.tolerance, low_open=True, high_open=False)
-    out = check_out_dir(args.out)
+    check_fraction("--learned-fraction", args.learned_fraction, low_open=True, high_open=True)
+    check_positive_int("--learned-hidden", args.learned_hidden)
+    check_out_path(args.out)
     light = load_model_arg(args.light, "--light")
     heavy = load_model_arg(args.heavy, "--heavy")
     data = load_data(args)
     check_data_fits_model(light, data, "--light")
     check_data_fits_model(heavy, data, "--heavy")
     rk = {"direction": args.l1_direction} if args.router == "l1" else {}
-    res = route_experts(light, heavy, data, router=args.router, heavy_budget=args.heavy_budget,
-                        max_drop=args.max_drop, tolerance=args.tolerance, router_kwargs=rk, out_dir=out,
-                        measure=not args.no_speed, sweep=not args.no_sweep, diagnostic=not args.no_diagnostic,
-                        seed=args.seed)
+    run = open_run(args, inputs=(("--light", args.light), ("--heavy", args.heavy)))
+    if run.finished:
+        return 0
+    out = run.out
+    if run.resumed:  # routing has no intermediate checkpoint: it takes seconds, and is redone (same seed)
+        print("flowprune: route resumes by redoing the calibration (deterministic for --seed)", file=sys.stderr)
+    with run:
+        res = route_experts(light, heavy, data, router=args.router, heavy_budget=args.heavy_budget,
+                            max_drop=args.max_drop, tolerance=args.tolerance, router_kwargs=rk, out_dir=out,
+                            measure=not args.no_speed, sweep=not args.no_sweep, diagnostic=not args.no_diagnostic,
+                            seed=args.seed, learned_fraction=args.learned_fraction,
+                            learned_hidden=args.learned_hidden)
+    run.finish()
     s = res.summary()
     rows = [{k: (100 * v if k.endswith("_acc") or k in ("heavy_usage",) or k.startswith("random_acc") else v)
              for k, v in s.items()}]

@@ -8,8 +8,10 @@ from flowprune.commands._common import (
     Timer,
     add_data_arguments,
     add_train_arguments,
-    check_out_dir,
+    check_out_path,
     load_data,
+    open_run,
+    setup_parser,
     train_config,
 )
 
@@ -18,6 +20,7 @@ HELP = "train a model from the zoo on a data set (resumes from DIR/checkpoint.pt
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    setup_parser(p)
     p.add_argument("--model", default="resnet20", help="zoo name (resnet20, resnet56, wrn16_2, vgg11, vgg8, vit, "
                    "lenet300, cnn1d), tv:NAME or timm:NAME")
     add_data_arguments(p)
@@ -28,14 +31,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flowprune.api import train_model
+    import torch
 
-    out = check_out_dir(args.out)
+    from flowprune.api import train_model
+    from flowprune.models import build_model
+
+    # validate everything before the first write to OUT
+    check_out_path(args.out)
     cfg = train_config(args)
     data = load_data(args)
-    with Timer() as t:
-        res = train_model(args.model, data, cfg, out_dir=out, resume=not args.no_resume,
+    torch.manual_seed(cfg.seed)  # exactly what train_model does with a model name
+    net = build_model(args.model, data.input_shape, data.num_classes)
+    run = open_run(args)
+    if run.finished:
+        return 0
+    out = run.out
+    with run, Timer() as t:
+        res = train_model(net, data, cfg, out_dir=out, resume=not args.no_resume,
                           measure_speed=not args.no_speed)
+    run.finish()
     from flowprune.report import format_table
 
     print(format_table([{"model": args.model, "data": args.data, "epochs": cfg.epochs, "seed": cfg.seed,

@@ -387,6 +387,8 @@ def idap(model: nn.Module, data: DataSplits, *, stages: Sequence[int] | int = (1
         raise FlowpruneError(f"retry_factor must lie in (0, 1) (0.5 = half the fraction), got {retry_factor!r}")
     check_positive_int("calib_batches", calib_batches)
     check_positive_int("calib_batch_size", calib_batch_size)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+        raise FlowpruneError(f"lr must be a positive number, got {lr!r}")
     if recover_batches is not None:
         check_positive_int("recover_batches", recover_batches)
     s2rb = recover_batches if stage2_recover_batches is None else stage2_recover_batches
