@@ -9,12 +9,16 @@ Layout of a saved cascade directory::
     DIR/head.safetensors         the exit head's weights                     [early exit]
     DIR/router.safetensors       the learned router's weights                [learned router]
 
-Non-finite thresholds are written as the strings ``"inf"`` / ``"-inf"``.
+Non-finite thresholds are written as the strings ``"inf"`` / ``"-inf"``. ``router.json`` holds an
+``integrity`` record (SHA-256 of the record and of the extra weight files); loading validates the
+record before building anything (see docs/robustness.md).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -22,10 +26,20 @@ from flowprune.errors import FlowpruneError
 
 FORMAT = "flowprune-cascade"
 ROUTER_FILE = "router.json"
+KINDS = ("two_experts", "early_exit")
+
+
+def _digest(rec: dict) -> str:
+    core = {k: v for k, v in rec.items() if k not in ("metadata", "integrity")}
+    return hashlib.sha256(json.dumps(core, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def save_cascade(cascade, path: str | os.PathLike, *, metadata: dict | None = None) -> Path:
-    """Write ``cascade`` (two experts or early exit) to directory ``path``; returns it."""
+    """Write ``cascade`` (two experts or early exit) to directory ``path``; returns it.
+
+    ``router.json`` is written last (atomically) and records the SHA-256 of the router record
+    and of the extra weight files, so :func:`load_cascade` detects edited or corrupt files.
+    """
     from safetensors.torch import save_file
 
     from flowprune.io import save
@@ -37,21 +51,29 @@ def save_cascade(cascade, path: str | os.PathLike, *, metadata: dict | None = No
     rec = {"format": FORMAT, "format_version": 1, "kind": cascade.kind, "router": r.name,
            "router_config": r.config(), "threshold": threshold_to_json(cascade.threshold),
            "metadata": metadata or {}}
+    files: dict[str, str] = {}
+
+    def write_tensors(tensors: dict, name: str) -> None:
+        tmp = out / (name + ".tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, out / name)
+        files[name] = hashlib.sha256((out / name).read_bytes()).hexdigest()
+
     if cascade.kind == "early_exit":
         save(cascade.backbone, out / "backbone")
         h = cascade.head
-        save_file({k: v.detach().cpu().contiguous() for k, v in h.state_dict().items()}, str(out / "head.safetensors"))
+        write_tensors(h.state_dict(), "head.safetensors")
         rec["stage"] = cascade.stage
         rec["head"] = {"channels": h.in_features, "num_classes": h.out_features, "ndim": h.ndim}
     else:
         save(cascade.light, out / "light")
         save(cascade.heavy, out / "heavy")
     if r.name == "learned":
-        save_file({k: v.detach().cpu().contiguous() for k, v in r.state_dict().items()},
-                  str(out / "router.safetensors"))
+        write_tensors(r.state_dict(), "router.safetensors")
+    rec["integrity"] = {"record_sha256": _digest(rec), "files_sha256": files}
     try:
         text = json.dumps(rec, indent=1)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise FlowpruneError(f"cascade metadata must be JSON-serialisable: {e}") from None
     tmp = out / (ROUTER_FILE + ".tmp")
     tmp.write_text(text)
@@ -59,36 +81,101 @@ def save_cascade(cascade, path: str | os.PathLike, *, metadata: dict | None = No
     return out
 
 
-def load_cascade(path: str | os.PathLike):
-    """Load a cascade saved by :func:`save_cascade` (eval mode); nothing is unpickled."""
-    from safetensors.torch import load_file
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
-    from flowprune.io import load
+
+def _validate(rec: dict, f: Path) -> None:
+    from flowprune.route.routers import ROUTERS
+
+    if rec.get("format") != FORMAT:
+        raise FlowpruneError(f"{f} is not a flowprune cascade (format={rec.get('format')!r})")
+    if rec.get("format_version") != 1 or not _is_int(rec.get("format_version")):
+        raise FlowpruneError(f"{f}: unknown format_version {rec.get('format_version')!r}; this flowprune reads 1")
+    if rec.get("kind") not in KINDS:
+        raise FlowpruneError(f"{f}: unknown cascade kind {rec.get('kind')!r}; allowed: {', '.join(KINDS)}")
+    if rec.get("router") not in ROUTERS:
+        raise FlowpruneError(f"{f}: unknown router {rec.get('router')!r}; allowed: {', '.join(ROUTERS)}")
+    cfg = rec.get("router_config", {})
+    if not isinstance(cfg, dict) or not all(isinstance(k, str) for k in cfg):
+        raise FlowpruneError(f"{f}: router_config must be an object, got {cfg!r}")
+    for k, v in cfg.items():
+        if not (isinstance(v, (str, bool)) or (_is_int(v) and 0 <= v <= 10**6) or v is None):
+            raise FlowpruneError(f"{f}: router_config[{k!r}] must be a small integer, a boolean or a name, got {v!r}")
+    t = rec.get("threshold")
+    if not ((isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t)) or t in ("inf", "-inf")):
+        raise FlowpruneError(f"{f}: threshold must be a finite number, 'inf' or '-inf', got {t!r}")
+    if rec["kind"] == "early_exit":
+        h = rec.get("head")
+        if (not isinstance(h, dict) or not all(_is_int(h.get(k)) and 1 <= h.get(k) <= 10**6
+                                               for k in ("channels", "num_classes", "ndim"))):
+            raise FlowpruneError(f"{f}: head must hold positive integers channels, num_classes, ndim; got {h!r}")
+        if not isinstance(rec.get("stage"), str):
+            raise FlowpruneError(f"{f}: stage must be a module name, got {rec.get('stage')!r}")
+    if not isinstance(rec.get("metadata", {}), dict):
+        raise FlowpruneError(f"{f}: metadata must be an object")
+
+
+def _read_checked(d: Path, name: str, integ: dict | None) -> dict:
+    from safetensors.torch import load as st_load
+
+    p = d / name
+    if not p.is_file():
+        raise FlowpruneError(f"{str(d)!r} is not a complete cascade: {name} is missing")
+    data = p.read_bytes()
+    if integ is not None:
+        want = integ.get("files_sha256", {}).get(name) if isinstance(integ.get("files_sha256"), dict) else None
+        if want != hashlib.sha256(data).hexdigest():
+            raise FlowpruneError(f"{p} is corrupt, truncated or from another save (SHA-256 does not match "
+                                 f"{ROUTER_FILE})")
+    try:
+        return st_load(data)
+    except Exception as e:
+        raise FlowpruneError(f"{p} is not a valid safetensors file: {type(e).__name__}: {e}") from None
+
+
+def load_cascade(path: str | os.PathLike):
+    """Load a cascade saved by :func:`save_cascade` (eval mode); nothing is unpickled.
+
+    ``router.json`` is validated (format, kind, router name and options, threshold, head) and
+    checked against its recorded SHA-256; each expert is loaded by :func:`flowprune.io.load`
+    with its own checks. Every problem is a FlowpruneError naming the file.
+    """
+    from flowprune.io import load, read_json_file
     from flowprune.route.calibrate import threshold_from_json
     from flowprune.route.cascade import Cascade, EarlyExitCascade, ExitHead
     from flowprune.route.routers import make_router
 
     d = Path(path)
     f = d / ROUTER_FILE
-    if not f.exists():
+    if not f.is_file():
         raise FlowpruneError(f"{str(d)!r} is not a saved cascade: {ROUTER_FILE} is missing "
                              "(write one with `flowprune route --out DIR` or save_cascade)")
-    rec = json.loads(f.read_text())
-    if rec.get("format") != FORMAT:
-        raise FlowpruneError(f"{f} is not a flowprune cascade (format={rec.get('format')!r})")
-    router = make_router(rec["router"], **rec.get("router_config", {}))
-    if rec["router"] == "learned":
-        router.load_state_dict(load_file(str(d / "router.safetensors")))
-        router.fitted = True
-    router.eval()
-    thr = threshold_from_json(rec["threshold"])
-    if rec["kind"] == "early_exit":
-        backbone = load(d / "backbone")
-        h = rec["head"]
-        head = ExitHead(h["channels"], h["num_classes"], h["ndim"])
-        head.load_state_dict(load_file(str(d / "head.safetensors")))
-        c = EarlyExitCascade(backbone, rec["stage"], head, router, thr)
-    else:
-        c = Cascade(load(d / "light"), load(d / "heavy"), router, thr)
+    rec = read_json_file(f, "flowprune cascade record")
+    _validate(rec, f)
+    integ = rec.get("integrity")
+    if integ is not None:
+        if not isinstance(integ, dict) or integ.get("record_sha256") != _digest(rec):
+            raise FlowpruneError(f"{f} was changed after saving (its SHA-256 does not match integrity.record_sha256); "
+                                 "save the cascade again")
+    try:
+        router = make_router(rec["router"], **rec.get("router_config", {}))
+        if rec["router"] == "learned":
+            router.load_state_dict(_read_checked(d, "router.safetensors", integ))
+            router.fitted = True
+        router.eval()
+        thr = threshold_from_json(rec["threshold"])
+        if rec["kind"] == "early_exit":
+            backbone = load(d / "backbone")
+            h = rec["head"]
+            head = ExitHead(h["channels"], h["num_classes"], h["ndim"])
+            head.load_state_dict(_read_checked(d, "head.safetensors", integ))
+            c = EarlyExitCascade(backbone, rec["stage"], head, router, thr)
+        else:
+            c = Cascade(load(d / "light"), load(d / "heavy"), router, thr)
+    except FlowpruneError as e:
+        raise FlowpruneError(f"{d}: {e}") from None
+    except Exception as e:  # a record that passed the checks but does not fit its weights
+        raise FlowpruneError(f"{d}: the cascade does not fit its files: {type(e).__name__}: {str(e)[:300]}") from None
     c.flowprune_metadata = rec.get("metadata", {})
     return c.eval()
