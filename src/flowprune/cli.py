@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     common.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    common.add_argument("--no-report", action="store_true", help="do not write OUT/report.html after the command")
     parser = argparse.ArgumentParser(prog="flowprune", parents=[common],
                                      description="Make trained PyTorch networks smaller and faster.")
     parser.add_argument("--version", action="version", version=f"flowprune {__version__}")
@@ -40,6 +41,25 @@ def build_parser() -> argparse.ArgumentParser:
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser
+
+
+def _write_report(args: argparse.Namespace) -> None:
+    """After a command succeeded: ``OUT/report.html`` from ``OUT/results.json`` (the one place every
+    command's report is written). A failure here is a warning: the command's results are safe."""
+    from pathlib import Path
+
+    out = getattr(args, "out", None)
+    if not out or getattr(args, "command", None) == "report":
+        return
+    d = Path(out)
+    if not (d.is_dir() and (d / "results.json").is_file()):
+        return
+    try:
+        from flowprune.report import write_report
+
+        print(f"report: {write_report(d)}")
+    except Exception as e:  # noqa: BLE001
+        print(f"flowprune: warning: could not write {d / 'report.html'} ({type(e).__name__}: {e})", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        return int(args._run(args) or 0)
+        rc = int(args._run(args) or 0)
+        if rc == 0 and not getattr(args, "no_report", False):
+            _write_report(args)
+        return rc
     except FlowpruneError as e:
         if debug:
             raise

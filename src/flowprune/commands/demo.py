@@ -105,4 +105,7 @@ def run(args: argparse.Namespace) -> int:
     write_results(Path(out) / "summary.json", {"rows": rows, "route": rr.summary(), "seconds": total})
     (Path(out) / "summary.md").write_text(table + "\n")
     print(f"\nwritten: {out}/dense, {out}/light, {out}/routed, {out}/summary.json")
+    from flowprune.report import write_report
+
+    print(f"report: {write_report(out)}  (open it in a browser: one self-contained page)")
     return 0

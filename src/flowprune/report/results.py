@@ -1,4 +1,4 @@
-"""Reporting: results.json files and plain-text tables (the last step of the flow)."""
+"""results.json files and plain-text (Markdown) tables."""
 
 from __future__ import annotations
 
