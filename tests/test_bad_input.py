@@ -273,3 +273,85 @@ def test_bad_input(name, argv, needle, dirs, tmp_path, capsys):
 
 def test_case_count():
     assert len(CASES) >= 40
+
+
+# ------------------------------------------------------------------------------ unreadable images
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    g = torch.Generator().manual_seed(0)
+    for c in ("cat", "dog"):
+        (root / c).mkdir()
+        for i in range(6):
+            arr = (torch.rand(10, 10, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(arr).save(root / c / f"{i}.png")
+    (root / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    (root / "cat" / "truncated.jpg").write_bytes((root / "cat" / "0.png").read_bytes()[:40])
+    return root
+
+
+def test_unreadable_images_are_skipped_with_a_count(image_dir):
+    from flowprune.data import load_dataset
+
+    with pytest.warns(UserWarning, match="skipped 2 unreadable image"):
+        d = load_dataset(f"imagefolder:{image_dir}", image_size=8, val_fraction=0.2, test_fraction=0.2)
+    assert d.info["skipped_images"] == 2 and sum(d.sizes().values()) == 12
+
+
+def test_unreadable_image_error_names_the_file(image_dir):
+    from flowprune.data import load_dataset
+    from flowprune.errors import FlowpruneError
+
+    with pytest.raises(FlowpruneError, match=r"(broken\.png|truncated\.jpg)"):
+        load_dataset(f"imagefolder:{image_dir}", image_size=8, on_bad_image="error")
+    with pytest.raises(FlowpruneError, match="on_bad_image"):
+        load_dataset(f"imagefolder:{image_dir}", on_bad_image="ignore")
+
+
+def test_cli_on_bad_image_error_is_one_line(image_dir, tmp_path, capsys):
+    rc = main(["train", "--model", "lenet300", "--data", f"imagefolder:{image_dir}", "--on-bad-image", "error",
+               "--epochs", "1", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "cannot be read" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------ --out with an earlier run
+
+
+def test_out_with_other_options_is_refused_and_overwrite_starts_fresh(dirs, tmp_path, capsys):
+    out = tmp_path / "o"
+    base = ["train", "--model", "lenet300", "--data", "digits", "--epochs", "1", "--no-speed", "--no-report",
+            "--out", str(out)]
+    assert main(base) == 0
+    before = _snapshot(str(out))
+    capsys.readouterr()
+    assert main(base + ["--batch-size", "64", "--seed", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--batch-size 128 -> 64" in err and "--seed 0 -> 3" in err
+    assert "--overwrite" in err and _snapshot(str(out)) == before
+    assert main(["prune", "--checkpoint", str(dirs["good"]), "--data", "digits", "--ratio", "0.5",
+                 "--out", str(out)]) == 2
+    assert "holds a `flowprune train` run" in capsys.readouterr().err
+    assert main(base) == 0 and "already holds this finished run" in capsys.readouterr().out
+    assert _snapshot(str(out)) == before
+    assert main(base + ["--batch-size", "64", "--overwrite"]) == 0
+    state = json.loads((out / "flowprune_run.json").read_text())
+    assert state["options"]["batch_size"] == 64 and state["status"] == "finished" and state["starts"] == 1
+
+
+def test_out_with_results_of_an_unknown_run_is_refused(tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    argv = ["train", "--model", "lenet300", "--data", "digits", "--epochs", "1", "--no-speed", "--no-report",
+            "--out", str(out)]
+    assert main(argv) == 2
+    assert "results.json of an earlier run" in capsys.readouterr().err
+    assert main(argv + ["--overwrite"]) == 0
+    assert (out / "notes.txt").read_text() == "mine"  # --overwrite removes only flowprune's outputs
