@@ -621,6 +621,12 @@ def _parse_safetensors(data: bytes, where: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; a missing, corrupt or truncated file is a FlowpruneError naming it."""
+    p = Path(path)
+    return _parse_safetensors(_read_bytes(p), p)
+
+
 def model_from_tensors(recipe: dict, tensors: dict[str, torch.Tensor], *, where: str | os.PathLike = "",
                        device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the recipe's architecture, load ``tensors`` into it strictly, check it, tag it (eval mode).

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -68,8 +69,8 @@ def _parse_gammas(text: str) -> list[float]:
         gs = [float(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise FlowpruneError(f"--gammas must be comma-separated numbers, got {text!r}") from None
-    if len(gs) < 2 or any(not g > 0 for g in gs):
-        raise FlowpruneError(f"--gammas needs at least two positive pressures, got {text!r}")
+    if len(gs) < 2 or any(not (g > 0 and math.isfinite(g)) for g in gs):
+        raise FlowpruneError(f"--gammas needs at least two positive finite pressures, got {text!r}")
     return gs
 
 
