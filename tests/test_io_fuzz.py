@@ -334,3 +334,50 @@ def test_fuzz_cascade_record():
                 assert torch.equal(c(X), ref)
 
     run()
+
+
+# ------------------------------------------------------------------------------ constructor options
+
+
+def _with_kwargs(tmp: Path, name: str, shape, kwargs: dict) -> Path:
+    m = build_model(name, shape, 10)
+    d = io.save(m, tmp / "k")
+    rec = json.loads((d / "model.json").read_text())
+    rec.pop("integrity")
+    rec["base"]["kwargs"] = kwargs
+    (d / "model.json").write_text(json.dumps(rec))
+    return d
+
+
+@pytest.mark.parametrize("name, shape, kwargs, match", [
+    ("wrn16_2", (3, 8, 8), {"depth": 15}, "cannot be built with base.kwargs"),
+    ("vit", (3, 8, 8), {"num_heads": 3}, "cannot be built with base.kwargs"),
+    ("resnet20", (3, 8, 8), {"width": 0}, r"base.kwargs\['width'\] .* must be an integer in \[1, 100000\]"),
+    ("resnet20", (3, 8, 8), {"width": 1.5}, "must be an integer"),
+    ("resnet20", (3, 8, 8), {"depth": 20}, "not an allowed option"),
+    ("lenet300", (1, 8, 8), {"hidden": [8, "x"]}, "list of 1..64 integers"),
+    ("lenet300", (1, 8, 8), {"hidden": [10**5] * 3}, "parameters; at most"),
+    ("tv:mobilenet_v3_small", (3, 32, 32), {"weights": "DEFAULT"}, "not an allowed option"),
+    ("tv:mobilenet_v3_small", (3, 32, 32), {"progress": True}, "not an allowed option"),
+    ("timm:resnet10t", (3, 32, 32), {"pretrained": True}, "not an allowed option"),
+    ("timm:resnet10t", (3, 32, 32), {"pretrained_cfg_overlay": {"file": "/etc/passwd"}}, "not an allowed option"),
+    ("timm:resnet10t", (3, 32, 32), {"checkpoint_path": "/tmp/evil.pth"}, "not an allowed option"),
+    ("timm:resnet10t", (3, 32, 32), {"drop_rate": "https://example.com"}, "must be"),
+])
+def test_constructor_options_are_checked(tmp_path, name, shape, kwargs, match):
+    d = _with_kwargs(tmp_path, name, shape, kwargs)
+    with _guard(d) as events, pytest.raises(FlowpruneError, match=match):
+        io.load(d)
+    assert not events
+
+
+def test_tv_and_timm_models_round_trip_with_allowed_options(tmp_path):
+    for name, kw in (("tv:mobilenet_v3_small", {}), ("timm:resnet10t", {"drop_rate": 0.1})):
+        m = build_model(name, (3, 32, 32), 10, **kw).eval()
+        d = io.save(m, tmp_path / name.replace(":", "_"))
+        x = torch.randn(2, 3, 32, 32)
+        with _guard(d) as events:
+            back = io.load(d)
+        assert not events
+        with torch.no_grad():
+            assert torch.equal(m(x), back(x))

@@ -39,6 +39,7 @@ import inspect
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -268,8 +269,9 @@ def _check_kwarg_value(where: str, model: str, key: str, v: Any, default: Any = 
     elif isinstance(v, bool):
         bad = "a number" if not isinstance(default, (list, tuple)) else "a list of integers"
     elif _is_int(v):
-        if not 0 <= v <= MAX_KWARG_INT:
-            bad = f"an integer in [0, {MAX_KWARG_INT}]"
+        low = 1 if _is_int(default) else 0  # a size option (default an integer) is at least 1
+        if not low <= v <= MAX_KWARG_INT:
+            bad = f"an integer in [{low}, {MAX_KWARG_INT}]"
         elif isinstance(default, (list, tuple)):
             bad = "a list of integers"
     elif isinstance(v, float):
@@ -443,7 +445,8 @@ def _check_build_size(base: dict, where: str) -> None:
     from flowprune.models import build_model
 
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             m = build_model(base["name"], base["input_shape"], base["num_classes"], **base.get("kwargs", {}))
     except FlowpruneError as e:
         raise FlowpruneError(f"{where}: {e}") from None
@@ -467,7 +470,9 @@ def rebuild(recipe: dict, shapes: dict[str, tuple[int, ...]], *, where: str | os
     base = recipe["base"]
     _check_build_size(base, w)
     try:
-        model = build_model(base["name"], base["input_shape"], base["num_classes"], **base.get("kwargs", {}))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # constructor chatter must not reach the user as extra lines
+            model = build_model(base["name"], base["input_shape"], base["num_classes"], **base.get("kwargs", {}))
     except FlowpruneError as e:
         raise FlowpruneError(f"{w}: {e}") from None
     except Exception as e:  # the constructor refused an allowed-looking option
