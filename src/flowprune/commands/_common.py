@@ -296,10 +296,13 @@ def open_run(args: argparse.Namespace, *, inputs: tuple[tuple[str, str | None], 
             print(f"flowprune: {args.out} already holds this finished run (same options; results.json); "
                   "nothing to do. Pass --overwrite to run it again.")
         else:
-            resumed = True
             state["starts"] = int(state.get("starts", 1)) + 1
-            print(f"flowprune: resuming the interrupted run in {args.out} (start {state['starts']}; "
-                  "finished checkpoints are kept)", file=sys.stderr)
+            if getattr(args, "no_resume", False):
+                print(f"flowprune: --no-resume: starting the run in {args.out} over", file=sys.stderr)
+            else:
+                resumed = True
+                print(f"flowprune: resuming the interrupted run in {args.out} (start {state['starts']}; "
+                      "finished checkpoints are kept)", file=sys.stderr)
     else:
         if out.exists() and (out / "results.json").exists():
             raise FlowpruneError(f"--out {args.out!r} holds results.json of an earlier run with unknown options; "
