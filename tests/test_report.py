@@ -181,5 +181,11 @@ def test_demo_directory_layout_gives_one_page(tmp_path):
         (dirs[n] / "results.json").rename(dirs[n] / "old.json")
     write_results(tmp_path / "demo" / "summary.json", {"rows": [{"model": "heavy", "test acc %": 80.5}],
                                                        "route": {"router": "confidence"}, "seconds": 9.0})
+    from flowprune.io import save
+    from flowprune.models import build_model
+
+    save(build_model("lenet300", (1, 8, 8), 10), tmp_path / "demo" / "light",  # the demo's light expert
+         metadata={"stage": "pruned", "method": "agf", "widths": {"body.0": 75, "body.2": 25}, "reduction": 4.0})
     page = write_report(tmp_path / "demo").read_text()
     assert "(demo;" in page and "(train;" in page and "(route;" in page and "heavy" in page
+    assert "demo/light <span" in page and "kept width per layer, dense vs pruned" in page

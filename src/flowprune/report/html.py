@@ -54,7 +54,7 @@ th,td{border:1px solid #ccc;padding:3px 8px;text-align:right} th{background:#f3f
 td.t,th.t{text-align:left} tr:nth-child(even) td{background:#fafafa}
 figure{display:inline-block;margin:6px 12px 12px 0;vertical-align:top}
 figure img{max-width:100%;border:1px solid #eee} figcaption{color:#555;font-size:0.85em;max-width:640px}
-.note{color:#777;font-size:0.85em} code{background:#f3f3f3;padding:0 3px}
+.wide{overflow-x:auto} #summary{font-size:0.82em} .note{color:#777;font-size:0.85em} code{background:#f3f3f3;padding:0 3px}
 """
 
 
@@ -98,7 +98,8 @@ def detect_kind(r: dict) -> str:
 
 def collect_runs(paths: list[Path]) -> list[Run]:
     """The runs under ``paths``: a directory with results.json is one run; a directory without one
-    contributes its summary.json (the demo) and every direct sub-directory that has a results.json."""
+    contributes its summary.json (the demo), every direct sub-directory that has a results.json, and
+    every sub-directory holding a saved pruned model (the prune record in its model.json metadata)."""
     runs: list[Run] = []
     for p in paths:
         if p.is_file() and p.name == RESULTS:
@@ -121,6 +122,12 @@ def collect_runs(paths: list[Path]) -> list[Run]:
             d = _read_json(sub / RESULTS) if (sub / RESULTS).is_file() else None
             if d is not None:
                 found.append(Run(sub, d, detect_kind(d), f"{p.name}/{sub.name}"))
+                continue
+            # a saved pruned model without results.json (the demo's light expert): its recipe's metadata
+            rec = _read_json(sub / "model.json") if (sub / "model.json").is_file() else None
+            meta = rec.get("metadata") if isinstance(rec, dict) else None
+            if isinstance(meta, dict) and isinstance(meta.get("widths"), dict) and meta.get("method"):
+                found.append(Run(sub, meta, "prune", f"{p.name}/{sub.name}"))
         if not found:
             raise FlowpruneError(f"{str(p)!r} holds no {RESULTS} (nor run sub-directories with one); pass a directory "
                                  "written by a flowprune command (train, prune, compare, route, idap, hyperflows, demo)")
@@ -157,12 +164,15 @@ def _figure(draw: Callable, caption: str, *, size=(6.4, 3.6), ncols: int = 1) ->
     FigureCanvasAgg(fig)
     axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
     draw(*axes)
-    from matplotlib.ticker import MaxNLocator, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator
 
     for ax in axes:
         ax.grid(True, alpha=0.3)
-        if ax.get_xscale() == "log":  # minor labels (2x10^4 3x10^4 ...) overlap on short ranges
-            ax.xaxis.set_minor_formatter(NullFormatter())
+        if ax.get_xscale() == "log":  # MACs: 12.4K, 2M ... at 1, 2 and 5 times powers of ten
+            si = FuncFormatter(lambda v, _pos: fmt(int(round(v))) if v >= 1 else f"{v:g}")
+            ax.xaxis.set_major_formatter(si)
+            ax.xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+            ax.xaxis.set_minor_formatter(si)
         if ax.get_xlabel().startswith(("epoch", "step")):
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
@@ -205,7 +215,7 @@ _SUMMARY = [
     ("test acc %", ("test_accuracy", "accuracy", "test.accuracy", "final.test_accuracy"), "pct"),
     ("dense / heavy acc %", ("dense_accuracy", "test.heavy_accuracy", "dense.test_accuracy", "dense.accuracy"), "pct"),
     ("MACs", ("macs", "final.macs"), "int"),
-    ("MACs fewer (x)", ("macs_reduction", "final.macs_reduction"), "num"),
+    ("MACs fewer (x)", ("macs_reduction", "final.macs_reduction", "reduction"), "num"),
     ("params", ("params", "final.params"), "int"),
     ("weight sparsity %", ("sparsity",), "pct"),
     ("heavy usage %", ("test.heavy_usage",), "pct"),
@@ -249,7 +259,7 @@ def _summary_table(runs: list[Run]) -> str:
         rows.append("<tr>" + "".join(tds) + "</tr>")
     head = "<tr>" + "".join(f'<th class="t">{_e(h)}</th>' if j < 2 else f"<th>{_e(h)}</th>"
                             for j, h in enumerate(heads)) + "</tr>"
-    return f'<table id="summary">{head}{"".join(rows)}</table>'
+    return f'<div class="wide"><table id="summary">{head}{"".join(rows)}</table></div>'
 
 
 # ----------------------------------------------------------------------------------------- sections
