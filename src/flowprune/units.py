@@ -43,10 +43,16 @@ KINDS = ("channel", "neuron", "head")
 # Leaf module types whose parameters Torch-Pruning (and so flowprune) knows how to cut.
 _SUPPORTED_PARAM_TYPES: tuple[type, ...] = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
-    nn.LayerNorm, nn.GroupNorm, nn.Embedding, nn.PReLU,
+    nn.LayerNorm, nn.GroupNorm, nn.Embedding, nn.PReLU, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
 )
 # Direct (unwrapped) parameters of container modules that are token embeddings: excluded, not unsupported.
-_EMBED_PARAM_NAMES = ("cls_token", "pos_embed", "dist_token", "reg_token", "mask_token")
+_EMBED_PARAM_NAMES = ("cls_token", "pos_embed", "dist_token", "reg_token", "mask_token", "class_token",
+                      "pos_embedding", "absolute_pos_embed", "pos_embed_window")
+# Why a supported-looking module type is still left intact.
+_UNSUPPORTED_TYPE_REASONS = {
+    nn.MultiheadAttention: "nn.MultiheadAttention: PyTorch requires num_heads * head_dim == embed_dim, so its heads "
+                           "cannot be cut in place; its embed dim is the (excluded) residual stream",
+}
 
 
 @dataclass
@@ -83,6 +89,11 @@ class PrunableUnit:
             normalisation.
         head_dim: per-head width (heads only).
         group: the Torch-Pruning group (``None`` for heads).
+        classes: for a group with grouped convolutions / GroupNorms (see :func:`channel_classes`),
+            the root-layer channels of every unit: unit ``i`` is the channels at one offset of
+            every conv group, cut together so groups stay consistent (``size`` is then the
+            number of offsets); ``None`` when unit ``i`` is root channel ``i``.
+        channel_groups: the largest group count of a grouped member (1 if none).
     """
 
     name: str
@@ -95,6 +106,15 @@ class PrunableUnit:
     block: str = ""
     head_dim: int = 0
     group: object | None = field(default=None, repr=False)
+    classes: list[list[int]] | None = field(default=None, repr=False)
+    channel_groups: int = 1
+
+    def channels(self, idxs: Sequence[int]) -> list[int]:
+        """Root-layer channel indices of the units ``idxs`` (a unit of a grouped group is a class of
+        channels at the same offset in every conv group; otherwise unit i is channel i)."""
+        if self.classes is None:
+            return sorted(int(i) for i in idxs)
+        return sorted(c for i in idxs for c in self.classes[int(i)])
 
     def member_modules(self, model: nn.Module) -> dict[str, nn.Module]:
         """Name -> module of every member, resolved on ``model`` (a copy with the same names)."""
@@ -105,10 +125,12 @@ class PrunableUnit:
 
 class UnitList(list):
     """A list of :class:`PrunableUnit` plus what was left out: ``unsupported`` (layer names
-    flowprune cannot cut, left intact) and ``excluded`` (classifier/embedding layers)."""
+    flowprune cannot cut, left intact), ``reasons`` (``{name: why}`` for each of them) and
+    ``excluded`` (classifier/embedding layers, left intact by design)."""
 
     unsupported: list[str]
     excluded: list[str]
+    reasons: dict[str, str]
 
     def by_name(self) -> dict[str, PrunableUnit]:
         return {u.name: u for u in self}
@@ -157,41 +179,301 @@ def _embedding_names(model: nn.Module) -> set[str]:
     return out
 
 
-def unsupported_layers(model: nn.Module, example_inputs: torch.Tensor | None = None) -> list[str]:
-    """Names of modules holding parameters that flowprune cannot cut (left intact by every cut).
+def param_kind(name: str, p: torch.Tensor) -> str:
+    """How flowprune treats a direct (unwrapped) parameter of a module Torch-Pruning has no rule for.
 
-    A leaf module with parameters of a type outside Conv/Linear/BatchNorm/LayerNorm/GroupNorm/
-    Embedding/PReLU, or a container with direct parameters other than token embeddings.
-    ``example_inputs`` is accepted for symmetry with :func:`find_units` and unused.
+    ``embed`` -- a token embedding (``cls_token``, ``pos_embed``, a ``(1, N, D)`` tensor): its
+    channels are a transformer's residual stream, excluded by design; ``scale`` -- a per-channel
+    vector (exactly one dimension > 1, e.g. ConvNeXt's ``layer_scale`` of shape ``(C, 1, 1)`` or
+    timm's ``gamma`` of shape ``(C,)``): cut with the channels it scales; ``scalar`` -- no
+    dimension > 1 (never cut, never in the way); ``other`` -- anything else (unsupported).
     """
-    bad = []
+    leaf = name.rpartition(".")[2]
+    if leaf in _EMBED_PARAM_NAMES or (p.dim() == 3 and p.shape[0] == 1 and p.shape[1] > 1):
+        return "embed"
+    big = [s for s in p.shape if s > 1]
+    if not big:
+        return "scalar"
+    if len(big) == 1:
+        return "scale"
+    return "other"
+
+
+def _scale_dim(p: torch.Tensor) -> int:
+    """The pruned dimension of an unwrapped parameter: its last dimension > 1 (Torch-Pruning's rule)."""
+    big = [i for i, s in enumerate(p.shape) if s > 1]
+    return big[-1] if big else p.dim() - 1
+
+
+def unsupported_reasons(model: nn.Module) -> dict[str, str]:
+    """``{module name: why flowprune cannot cut it}`` for every module left intact by every cut.
+
+    A module is unsupported when it holds a parameter flowprune has no cutting rule for: a leaf
+    of a type outside Conv/Linear/BatchNorm/LayerNorm/GroupNorm/InstanceNorm/Embedding/PReLU
+    whose direct parameters are not all token embeddings or per-channel scale vectors (see
+    :func:`param_kind`), or an ``nn.MultiheadAttention`` (PyTorch cannot run it with fewer heads).
+    """
+    bad: dict[str, str] = {}
     for n, m in model.named_modules():
-        own = [k for k, p in m._parameters.items() if p is not None]
+        own = [(k, p) for k, p in m._parameters.items() if p is not None]
         if not own:
             continue
-        if isinstance(m, _SUPPORTED_PARAM_TYPES):
+        for typ, why in _UNSUPPORTED_TYPE_REASONS.items():
+            if isinstance(m, typ):
+                bad[n] = why
+                break
+        if n in bad or isinstance(m, _SUPPORTED_PARAM_TYPES):
             continue
-        if all(k in _EMBED_PARAM_NAMES for k in own):
-            continue
-        bad.append(n)
+        others = [(k, p) for k, p in own if param_kind(f"{n}.{k}", p) == "other"]
+        if others:
+            k, p = others[0]
+            bad[n] = (f"{type(m).__name__} holds parameter {k!r} of shape {tuple(p.shape)}, which is neither a "
+                      "per-channel vector nor a token embedding; flowprune has no rule to cut it")
     return bad
 
 
-def build_graph(model: nn.Module, example_inputs: torch.Tensor):
-    """Torch-Pruning's DependencyGraph of ``model`` (traced once with ``example_inputs``)."""
+def unsupported_layers(model: nn.Module, example_inputs: torch.Tensor | None = None) -> list[str]:
+    """Names of modules holding parameters that flowprune cannot cut (left intact by every cut).
+
+    See :func:`unsupported_reasons` for the rule and the reason of each. ``example_inputs`` is
+    accepted for symmetry with :func:`find_units` and unused.
+    """
+    return list(unsupported_reasons(model))
+
+
+def _unwrapped(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
+    import torch_pruning as tp
+
+    wrapped = set()
+    for m in model.modules():
+        if ops_prunable(tp, m):
+            wrapped.update(id(p) for p in m.parameters())
+    out = []
+    for n, p in model.named_parameters():
+        if id(p) not in wrapped and any(s > 1 for s in p.shape):
+            out.append((p, p.dim() - 1 if param_kind(n, p) == "embed" else _scale_dim(p)))
+    return out
+
+
+def ops_prunable(tp, m: nn.Module) -> bool:
+    t = tp.ops.module2type(m)
+    return t in tp.pruner.function.PrunerBox and t != tp.ops.OPTYPE.ELEMENTWISE
+
+
+def _traced_modules(dg) -> set:
+    return {id(k) for k in dg.module2node}
+
+
+def _unreached(model: nn.Module, dg) -> list[str]:
+    """Modules owning parameters that the trace never reached (not run for the example input).
+
+    A module inside a traced module (``out_proj`` of an ``nn.MultiheadAttention``) counts as
+    reached, and so does one whose only parameters are all-singleton scalars (never traced).
+    """
+    seen = _traced_modules(dg)
+    traced_names = [n for n, m in model.named_modules() if id(m) in seen]
+    traced_names += list(unsupported_reasons(model))  # inside an unsupported module: reported with it
+    out = []
+    for n, m in model.named_modules():
+        own = [p for p in m._parameters.values() if p is not None and any(s > 1 for s in p.shape)]
+        if not own:
+            continue
+        if id(m) in seen or any(id(p) in seen for p in own):
+            continue
+        if any(n.startswith(t + ".") for t in traced_names if t):
+            continue
+        out.append(n)
+    return out
+
+
+def _failing_module(model: nn.Module, x: torch.Tensor) -> str | None:
+    """The innermost module whose forward raises for ``x`` (None if the forward runs)."""
+    stack: list[str] = []
+    failed: list[str] = []
+    handles = []
+
+    def pre(name):
+        def f(_m, _i):
+            stack.append(name)
+        return f
+
+    def post(_m, _i, _o):
+        if stack:
+            stack.pop()
+
+    for n, m in model.named_modules():
+        handles.append(m.register_forward_pre_hook(pre(n)))
+        handles.append(m.register_forward_hook(post))
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception:  # noqa: BLE001 -- we only want where it failed
+        failed.append(stack[-1] if stack else "")
+    finally:
+        for h in handles:
+            h.remove()
+    return failed[0] if failed else None
+
+
+def functional_users(model: nn.Module, x: torch.Tensor) -> dict[str, str]:
+    """Modules that use a child's parameters without calling the child (``F.linear(x, self.qkv.weight)``).
+
+    Found with one forward pass (eval mode, restored): a parameter in the autograd graph whose
+    owning module's forward never ran is used functionally by its nearest ancestor that ran.
+    Torch-Pruning cannot follow channels through such a module, so flowprune leaves it intact
+    (and makes it opaque while tracing). Types Torch-Pruning has its own rule for
+    (``nn.MultiheadAttention``) are not listed.
+    """
     import torch_pruning as tp
 
     from flowprune.measure import eval_mode
 
-    x = _as_inputs(example_inputs).to(next(model.parameters()).device)
-    unwrapped = []
-    for n, p in model.named_parameters():
-        mod_name, _, leaf = n.rpartition(".")
-        if leaf in _EMBED_PARAM_NAMES:
-            unwrapped.append((p, p.dim() - 1))
-    with eval_mode(model), torch.enable_grad():
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=x, unwrapped_parameters=unwrapped or None,
-                                                   verbose=False)
+    ran: set[int] = set()
+    handles = [m.register_forward_hook(lambda m, i, o: ran.add(id(m))) for m in model.modules()]
+    try:
+        with eval_mode(model), torch.enable_grad():
+            out = model(x)
+    except Exception:  # noqa: BLE001 -- the trace that follows reports the failure
+        return {}
+    finally:
+        for h in handles:
+            h.remove()
+    used: set[int] = set()
+    stack = [t.grad_fn for t in _flat_tensors(out) if t.grad_fn is not None]
+    seen: set[int] = set()
+    while stack:
+        fn = stack.pop()
+        if id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        var = getattr(fn, "variable", None)
+        if var is not None:
+            used.add(id(var))
+        stack.extend(f for f, _ in getattr(fn, "next_functions", ()) if f is not None)
+    named = dict(model.named_modules())
+    owner = {id(p): n for n, m in named.items() for p in m._parameters.values() if p is not None}
+    found: dict[str, str] = {}
+    for pid in used:
+        n = owner.get(pid)
+        if n is None or id(named[n]) in ran:
+            continue
+        a = n
+        while a:
+            a = a.rpartition(".")[0]
+            if id(named[a]) in ran:
+                break
+        if not a or ops_prunable(tp, named[a]) or a in found:
+            continue
+        found[a] = (f"{type(named[a]).__name__} uses the parameters of {n!r} without calling it (a functional "
+                    "forward); Torch-Pruning cannot follow channels through it")
+    order = {n: i for i, n in enumerate(named)}
+    return {n: found[n] for n in sorted(found, key=order.__getitem__)}
+
+
+def _flat_tensors(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _flat_tensors(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _flat_tensors(o)]
+    return []
+
+
+def _opaque_modules(model: nn.Module, reasons: dict[str, str]) -> list[nn.Module]:
+    """Unsupported modules of types Torch-Pruning has no rule for: made opaque while tracing."""
+    import torch_pruning as tp
+
+    out = []
+    for n in reasons:
+        try:
+            m = model.get_submodule(n)
+        except AttributeError:
+            continue
+        if not ops_prunable(tp, m):
+            out.append(m)
+    return out
+
+
+def _trace(model: nn.Module, x: torch.Tensor, unwrapped, *, train: bool, opaque: Sequence[nn.Module] = ()):
+    import torch_pruning as tp
+
+    from flowprune.measure import eval_mode
+    from flowprune.tp_ext import opaque_types, opaque_while_tracing
+
+    custom = opaque_types(opaque) or None
+    types = tuple(custom or ())
+    if not train:
+        with eval_mode(model), torch.enable_grad(), opaque_while_tracing(model, types):
+            return tp.DependencyGraph().build_dependency(model, example_inputs=x, unwrapped_parameters=unwrapped,
+                                                         customized_pruners=custom, verbose=False)
+    # train-mode trace (auxiliary heads run only in training): BatchNorm running statistics,
+    # train flags and the RNG are restored afterwards, so the model is not changed.
+    flags = [(m, m.training) for m in model.modules()]
+    bufs = [(b, b.detach().clone()) for b in model.buffers()]
+    xb = torch.cat([x, x.flip(0) + 0.01 * torch.randn_like(x)]) if x.shape[0] < 2 else x
+
+    def forward_train(m, inp):  # Torch-Pruning switches to eval before tracing; run the forward in train mode
+        m.train()
+        return m(inp)
+
+    try:
+        with torch.random.fork_rng(devices=[]), torch.enable_grad(), opaque_while_tracing(model, types):
+            return tp.DependencyGraph().build_dependency(model, example_inputs=xb, unwrapped_parameters=unwrapped,
+                                                         customized_pruners=custom, forward_fn=forward_train,
+                                                         verbose=False)
+    finally:
+        for m, f in flags:
+            m.training = f
+        with torch.no_grad():
+            for b, v in bufs:
+                b.copy_(v)
+
+
+def build_graph(model: nn.Module, example_inputs: torch.Tensor):
+    """Torch-Pruning's DependencyGraph of ``model`` (traced once with ``example_inputs``).
+
+    Traced in eval mode; if that leaves modules with parameters unreached (auxiliary heads that
+    run only in training, e.g. GoogLeNet / Inception-v3), traced again in train mode (statistics
+    restored) and the trace that reaches more is used. Raises :class:`FlowpruneError` naming the
+    failing module when the model cannot be traced.
+    """
+    try:
+        dev = next(model.parameters()).device
+    except StopIteration:
+        raise FlowpruneError("the model has no parameters; there is nothing to prune") from None
+    x = _as_inputs(example_inputs).to(dev)
+    reasons = unsupported_reasons(model)
+    for n, why in functional_users(model, x).items():
+        reasons.setdefault(n, why)
+    opaque = _opaque_modules(model, reasons)
+    inside = {id(p) for m in opaque for p in m.parameters()}
+    unwrapped = [(p, d) for p, d in _unwrapped(model) if id(p) not in inside]
+    try:
+        dg = _trace(model, x, unwrapped or None, train=False, opaque=opaque)
+    except Exception as e:  # noqa: BLE001 -- turned into one clear error
+        from flowprune.measure import eval_mode
+
+        with eval_mode(model):
+            where = _failing_module(model, x)
+        if where is not None:
+            raise FlowpruneError(f"flowprune cannot trace {type(model).__name__}: its forward fails in module "
+                                 f"{where or '<top>'!r} ({type(model.get_submodule(where)).__name__}) for an input of "
+                                 f"shape {tuple(x.shape)}: {type(e).__name__}: {e}; check example_inputs") from None
+        raise FlowpruneError(f"flowprune cannot trace {type(model).__name__} with Torch-Pruning's DependencyGraph: "
+                             f"{type(e).__name__}: {e}") from None
+    missed = _unreached(model, dg)
+    if missed:
+        try:
+            dg2 = _trace(model, x, unwrapped or None, train=True, opaque=opaque)
+        except Exception:  # noqa: BLE001 -- the eval-mode graph stands
+            dg2 = None
+        if dg2 is not None:
+            missed2 = _unreached(model, dg2)
+            if len(missed2) < len(missed):
+                dg, missed = dg2, missed2
+    dg.flowprune_unreached = [n for n in missed if not any(n.startswith(r + ".") for r in reasons)]
+    dg.flowprune_reasons = reasons
     return dg
 
 
@@ -224,6 +506,98 @@ def _members_from_group(group, dg, mod2name: dict[nn.Module, str]) -> tuple[list
     return producers, norms, consumers, others
 
 
+def _is_tp_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.conv._ConvNd) and m.groups == m.out_channels and m.out_channels > 1
+
+
+def channel_classes(group, dg, size: int, mod2name: dict) -> tuple[list[list[int]] | None, int, str | None]:
+    """Group-consistent channel classes of a Torch-Pruning group (grouped convs, GroupNorm).
+
+    A grouped convolution with ``G`` groups (not depthwise) can only lose the *same* offsets in
+    every group (its weight's input slice is shared by position, and every group must keep the
+    same width); a GroupNorm likewise needs the same count in each of its groups. Root channels
+    that sit at the same offset of such a layer's groups are tied into one class (union-find over
+    every grouped member), and a cut removes whole classes: so every group loses the same
+    offsets and keeps at least one channel while one class is kept (this is Torch-Pruning's
+    MetaPruner rule of pruning ``ch_groups``-replicated indices, applied per unit).
+
+    Returns ``(classes, groups, reason)``: ``classes`` (list of root-channel index lists, in order
+    of their first channel) or None when no member is grouped; ``groups`` the largest group
+    count met; ``reason`` a sentence when the group cannot be cut consistently (a grouped layer
+    that reads only part of its channels from this group).
+    """
+    parent = list(range(size))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    g_max = 1
+    for item in group:
+        m = item.dep.target.module
+        if not isinstance(m, nn.Module):
+            continue
+        is_out = dg.is_out_channel_pruning_fn(item.dep.handler)
+        if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and not _is_tp_depthwise(m):
+            dim, g = (m.out_channels if is_out else m.in_channels), m.groups
+        elif isinstance(m, nn.GroupNorm) and m.num_groups > 1:
+            dim, g = m.num_channels, m.num_groups
+        else:
+            continue
+        idxs = [int(i) for i in item.idxs]
+        roots = [int(r) for r in item.root_idxs]
+        if len(set(idxs)) != dim:
+            return None, g, (f"grouped layer {mod2name.get(m, type(m).__name__)!r} ({g} groups) takes only part of its "
+                             f"{dim} channels from this group; a group-consistent cut is not possible")
+        g_max = max(g_max, g)
+        w = dim // g
+        first: dict[int, int] = {}
+        for i, r in zip(idxs, roots):
+            off = i % w
+            if off in first:
+                a, b = find(first[off]), find(r)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+            else:
+                first[off] = r
+    if g_max == 1:
+        return None, 1, None
+    classes: dict[int, list[int]] = {}
+    for r in range(size):
+        classes.setdefault(find(r), []).append(r)
+    out = sorted(classes.values(), key=lambda c: c[0])
+    return (out if len(out) < size else None), g_max, None
+
+
+def _output_layers(dg, mod2name: dict) -> set[str]:
+    """Conv/Linear layers whose outputs reach a model output through no other Conv/Linear (the
+    classifier, auxiliary classifiers, SqueezeNet's final conv): their outputs are never cut."""
+    import torch_pruning as tp
+
+    out = set()
+    for mod, node in dg.module2node.items():
+        if not isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)) or mod not in mod2name:
+            continue
+        stack, seen = list(node.outputs), set()
+        reaches = not node.outputs
+        while stack and not reaches:
+            n = stack.pop()
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            if isinstance(n.module, (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention)) or \
+                    n.type in (tp.ops.OPTYPE.CONV, tp.ops.OPTYPE.LINEAR, tp.ops.OPTYPE.MHA, tp.ops.OPTYPE.LSTM):
+                continue
+            if not n.outputs:
+                reaches = True
+            stack.extend(n.outputs)
+        if reaches:
+            out.add(mod2name[mod])
+    return out
+
+
 def _dedupe(members: list[Member]) -> list[Member]:
     seen, out = set(), []
     for m in members:
@@ -235,11 +609,19 @@ def _dedupe(members: list[Member]) -> list[Member]:
     return out
 
 
+def _remap(members: list[Member], class_of: torch.Tensor) -> list[Member]:
+    return [Member(m.module_name, m.role, m.idxs, class_of[m.root_idxs]) for m in members]
+
+
 def analyse(model: nn.Module, example_inputs: torch.Tensor, *, kinds: Sequence[str] = KINDS,
             ignored_layers: Sequence[nn.Module | str] | None = None):
     """:func:`find_units` plus the DependencyGraph it used: ``(units, dg)``."""
     import torch_pruning as tp
 
+    if not isinstance(model, nn.Module):
+        raise FlowpruneError(f"model must be a torch nn.Module, got {type(model).__name__}")
+    if isinstance(kinds, str):
+        raise FlowpruneError(f"kinds must be a sequence of unit kinds such as ('channel',), got the string {kinds!r}")
     kinds = tuple(kinds)
     for k in kinds:
         if k not in KINDS:
@@ -257,18 +639,28 @@ def analyse(model: nn.Module, example_inputs: torch.Tensor, *, kinds: Sequence[s
                 raise FlowpruneError("an ignored layer is not a module of the model")
             ignored.add(mod2name[layer])
     excluded = _classifier_names(model) | _embedding_names(model)
-    unsupported = unsupported_layers(model)
-    if unsupported:
-        log.warning("flowprune cannot cut these layers; they and every layer coupled to them are left intact: %s",
-                    ", ".join(unsupported))
+    reasons = unsupported_reasons(model)
     attn_names = {n for n, m in named.items() if is_attention(m)}
     attn_inner = set()
     for a in attn_names:
         attn_inner.update({f"{a}.qkv", f"{a}.gate"})
     dg = build_graph(model, example_inputs)
+    for n, why in getattr(dg, "flowprune_reasons", {}).items():
+        reasons.setdefault(n, why)
+    for n in getattr(dg, "flowprune_unreached", []):
+        if n not in reasons and n not in excluded:
+            reasons[n] = ("not reached when tracing the model with the example input (eval and train mode); its "
+                          "input channels cannot be followed, so cuts feeding it may not fit")
+    if reasons:
+        log.warning("flowprune cannot cut these layers; they and every layer coupled to them are left intact: %s",
+                    "; ".join(f"{n} ({r})" for n, r in reasons.items()))
+    excluded |= _output_layers(dg, mod2name)
+    unsupported = list(reasons)
+    pname = {id(p): n for n, p in model.named_parameters()}
 
     units = UnitList()
     units.unsupported = unsupported
+    units.reasons = reasons
     units.excluded = sorted(excluded)
     order = {n: i for i, n in enumerate(named)}
     unsupported_mods = {named[n] for n in unsupported}
@@ -283,8 +675,9 @@ def analyse(model: nn.Module, example_inputs: torch.Tensor, *, kinds: Sequence[s
             # excluded: classifier outputs, embeddings, unwrapped parameters, qkv outputs
             if any(n in excluded or n in ignored or n in attn_inner for n in names_out):
                 continue
-            if any(isinstance(o, nn.Parameter) for o in others):
-                continue  # coupled to a token embedding (transformer residual stream)
+            params = [o for o in others if isinstance(o, nn.Parameter)]
+            if any(param_kind(pname.get(id(p), ""), p) != "scale" for p in params):
+                continue  # coupled to a token embedding (transformer residual stream) or an unsupported parameter
             all_mods = {named[m.module_name] for m in producers + norms + consumers}
             touched_bad = [o for o in others if isinstance(o, nn.Module) and o in unsupported_mods]
             if touched_bad or (all_mods & unsupported_mods):
@@ -311,10 +704,24 @@ def analyse(model: nn.Module, example_inputs: torch.Tensor, *, kinds: Sequence[s
             if root is not tp_root:
                 group = dg.get_pruning_group(root, pruner.prune_out_channels, list(range(size)))
                 producers, norms, consumers, _ = _members_from_group(group, dg, mod2name)
-            units.append(PrunableUnit(name=root_name, kind=kind, module=root, size=size,
-                                      producers=_dedupe(producers), norms=_dedupe(norms),
-                                      consumers=_dedupe(consumers), block=root_name.rpartition(".")[0],
-                                      group=group))
+            classes, n_groups, why = channel_classes(group, dg, size, mod2name)
+            if why is not None:
+                units.unsupported.append(root_name)
+                units.reasons[root_name] = why
+                log.warning("channels of %s are left intact: %s", root_name, why)
+                continue
+            producers, norms, consumers = _dedupe(producers), _dedupe(norms), _dedupe(consumers)
+            if classes is not None:
+                class_of = torch.empty(size, dtype=torch.long)
+                for c, members in enumerate(classes):
+                    class_of[members] = c
+                producers, norms, consumers = (_remap(producers, class_of), _remap(norms, class_of),
+                                               _remap(consumers, class_of))
+            units.append(PrunableUnit(name=root_name, kind=kind, module=root,
+                                      size=len(classes) if classes is not None else size,
+                                      producers=producers, norms=norms, consumers=consumers,
+                                      block=root_name.rpartition(".")[0], group=group, classes=classes,
+                                      channel_groups=n_groups))
     if "head" in kinds:
         for a in sorted(attn_names, key=lambda n: order[n]):
             if a in ignored or a in excluded:
@@ -324,6 +731,7 @@ def analyse(model: nn.Module, example_inputs: torch.Tensor, *, kinds: Sequence[s
                 log.warning("attention %s has an unsupported scale norm %s; its heads are left intact", a,
                             type(m.norm).__name__)
                 units.unsupported.append(f"{a}.norm")
+                units.reasons[f"{a}.norm"] = f"attention scale norm of type {type(m.norm).__name__} has no head rule"
                 continue
             h, d = int(m.num_heads), int(m.head_dim)
             ar = torch.arange(h * d)

@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,88 +34,7 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------- surgery
 
-def _example(model: nn.Module, example_inputs: torch.Tensor | None) -> torch.Tensor:
-    if example_inputs is not None:
-        return example_inputs
-    base = getattr(model, "flowprune_base", None)
-    if base is None:
-        raise FlowpruneError("example_inputs is required for a model not built by flowprune.build_model")
-    return torch.randn(1, *base["input_shape"])
-
-
-def cut_heads(attn: nn.Module, heads: Sequence[int]) -> None:
-    """Remove ``heads`` from a timm-style attention module in place and fix its attributes."""
-    import torch_pruning as tp
-
-    h, d = int(attn.num_heads), int(attn.head_dim)
-    heads = sorted({int(i) for i in heads})
-    if not heads:
-        return
-    if heads[0] < 0 or heads[-1] >= h:
-        raise FlowpruneError(f"head index out of range for an attention with {h} heads: {heads}")
-    if len(heads) >= h:
-        raise FlowpruneError(f"cannot remove all {h} heads of an attention module; keep at least one")
-    dims = [hd * d + j for hd in heads for j in range(d)]
-    qkv_rows = [s * h * d + i for s in range(3) for i in dims]
-    tp.prune_linear_out_channels(attn.qkv, qkv_rows)
-    tp.prune_linear_in_channels(attn.proj, dims)
-    if isinstance(getattr(attn, "gate", None), nn.Linear):
-        tp.prune_linear_out_channels(attn.gate, dims)
-    if isinstance(getattr(attn, "norm", None), nn.LayerNorm):
-        tp.prune_layernorm_out_channels(attn.norm, dims)
-    attn.num_heads = h - len(heads)
-    if "attn_dim" in attn.__dict__ or hasattr(attn, "attn_dim"):
-        attn.attn_dim = attn.num_heads * d
-    attn.head_dim = d  # unchanged by a head cut, and so is ``scale`` (head_dim ** -0.5 or a custom value)
-
-
-def apply_cuts(model: nn.Module, cuts: Mapping[str, torch.Tensor | Sequence[int]], *,
-               example_inputs: torch.Tensor | None = None, units=None) -> nn.Module:
-    """A NEW model (deep copy) with the planned units removed.
-
-    Args:
-        model: not modified.
-        cuts: ``{unit name: indices to remove}`` (from :func:`flowprune.plan.plan_cuts`).
-        example_inputs: one input batch (default: random, from ``model.flowprune_base``).
-
-    Returns:
-        the pruned copy, carrying ``flowprune_base`` and ``flowprune_metadata["cuts"]`` (the cuts
-        made, appended to any earlier ones) so :func:`flowprune.io.save`/``load`` round-trip it.
-    """
-    from flowprune.units import analyse
-
-    x = _example(model, example_inputs)
-    new = copy.deepcopy(model)
-    found, dg = analyse(new, x)
-    by = found.by_name()
-    clean: dict[str, list[int]] = {}
-    for name, idx in cuts.items():
-        if name not in by:
-            raise FlowpruneError(f"cut for unknown unit {name!r}; units are: {', '.join(sorted(by))}")
-        lst = sorted({int(i) for i in (idx.tolist() if isinstance(idx, torch.Tensor) else idx)})
-        u = by[name]
-        if lst and (lst[0] < 0 or lst[-1] >= u.size):
-            raise FlowpruneError(f"cut indices for {name!r} must lie in [0, {u.size - 1}], got {lst[0]}..{lst[-1]}")
-        if len(lst) >= u.size:
-            raise FlowpruneError(f"cut of {name!r} removes all {u.size} units; keep at least one")
-        if lst:
-            clean[name] = lst
-    for name, lst in clean.items():
-        u = by[name]
-        if u.kind == "head":
-            continue
-        pruner = dg.get_pruner_of_module(u.module)
-        group = dg.get_pruning_group(u.module, pruner.prune_out_channels, lst)
-        group.prune()
-    for name, lst in clean.items():
-        if by[name].kind == "head":
-            cut_heads(by[name].module, lst)
-    meta = dict(getattr(model, "flowprune_metadata", {}) or {})
-    history = list(meta.get("cuts", []))
-    history.append({k: v for k, v in clean.items()})
-    meta["cuts"] = history
-    new.flowprune_metadata = meta
-    return new
+from flowprune.cut import _example, apply_cuts, cut_heads  # noqa: E402,F401 -- surgery lives in flowprune.cut
 
 
 # ----------------------------------------------------------------------------------------- procedure
