@@ -124,6 +124,7 @@ def test_dynamo_exporter_full_matrix(name, cut, tmp_path):
         pytest.skip(f"{name} has no removable block")
     m = cut_model(name, cut)
     res = fp.export(m, tmp_path / "m.onnx")
+    assert res.exporter == "dynamo", res.note
     _check_onnx(m, res.path, _shape(name))
 
 
@@ -253,3 +254,11 @@ def test_saved_routed_dir_exports_with_cli_and_random_router_is_refused(tmp_path
         fp.export(r, tmp_path / "rnd")
     with pytest.raises(FlowpruneError, match="directory"):
         fp.export(c, tmp_path / "c.onnx")
+    from flowprune.route.cascade import EarlyExitCascade, ExitHead
+    from flowprune.route.routers import make_router
+
+    ee = EarlyExitCascade(build_model("lenet300", (1, 8, 8), 10).eval(), "body.1", ExitHead(300, 10, 2),
+                          make_router("confidence"), 1.0)
+    with pytest.raises(FlowpruneError, match="early-exit cascades"):
+        fp.export(ee, tmp_path / "ee")
+    assert not (tmp_path / "rnd").exists() and not (tmp_path / "ee").exists()
