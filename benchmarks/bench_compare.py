@@ -1,22 +1,30 @@
-"""Benchmark: AGF and the baseline scores against Torch-Pruning's own pruner, side by side (issue 3, item 6).
+"""Benchmark: flowprune's default structural pruning against Torch-Pruning, under a fair protocol (issue 9).
 
-    python -m benchmarks.bench_compare                 # ResNet-20 / mnist5k and 1-D CNN / mnist1d
-    python -m benchmarks.bench_compare --quick         # 1-D CNN only, 1 seed, 2 targets, 4 methods
-    python -m benchmarks.bench_compare --epochs 5      # a longer fine-tune instead of the 1-epoch recovery
+    python -m benchmarks.bench_compare                              # resnet20/mnist5k and cnn1d/mnist1d
+    python -m benchmarks.bench_compare --models cnn1d --ft-epochs 1 # one model, shorter recovery
 
-Every method starts from the same dense model (trained once and cached under
-``runs/bench/dense_<model>_<data>_e<N>``), is cut one-shot to 2x/4x/8x/16x fewer MACs, and is
-measured right after the cut, after BatchNorm re-estimation on the 10 calibration batches (no
-weight update) and after the same fine-tune (default 1 epoch: the short recovery that keeps
-MNIST-5k from saturating). Runs are kept under ``runs/bench/compare/`` so an interrupted
-benchmark resumes. The tables, the goal check of issue 3 item 6 and the exact command are
-printed as Markdown and written to ``docs/results/compare.md`` (``--doc``).
+The protocol (BENCHMARKING.md lessons 1, 2, 8, 9):
+
+* one dense model **per seed**, trained to convergence by ``benchmarks._dense`` (seed = dense
+  training seed = calibration seed), so the spread covers both; the dense accuracies are printed;
+* every method starts from the same dense model of its seed, is cut one-shot to 2x/4x/8x/16x fewer
+  MACs, its BatchNorm statistics re-estimated on the same 10 x 128 calibration batches (no weight
+  update), and measured on the test split (``acc_bn``);
+* Torch-Pruning runs through its own ``MetaPruner`` with its own importances (magnitude, Taylor,
+  BN scale), uniform and global; its *best configuration* is picked per target by mean accuracy;
+* fine-tuning: the same budget (``--ft-epochs``, SGD lr 0.01, cosine, same batch order per seed)
+  for flowprune's default, the best Torch-Pruning configuration and random, at ``--ft-targets``;
+* a method counts as ahead only beyond one std (the larger of the two).
+
+Finished runs are kept under ``runs/bench/compare/`` (resume). The tables, the goal check and the
+command go to ``docs/results/compare.md`` and ``docs/results/compare.json`` (``--doc``).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import os
 import sys
 import time
@@ -24,137 +32,122 @@ from pathlib import Path
 
 import torch
 
-ALL_METHODS = "agf,l1,taylor,wanda,random,tp-magnitude,tp-taylor"
-# (model, data, dense epochs, dense lr, extra kwargs)
-CONFIGS = {
-    "resnet20": ("resnet20", "mnist5k", 4, 0.05),
-    "cnn1d": ("cnn1d", "mnist1d", 15, 0.05),
-}
+FLOWPRUNE = ["agf", "agf-paper", "taylor", "l2", "random"]
+TP = ["tp-magnitude-uniform", "tp-magnitude-global", "tp-taylor-uniform", "tp-taylor-global",
+      "tp-bn-scale-uniform", "tp-bn-scale-global"]
 
 
-def dense_model(model: str, data, epochs: int, lr: float, root: Path):
-    """The dense model, trained once and cached (flowprune.io format) under ``root``."""
-    from flowprune.api import train_model
-    from flowprune.io import load
-    from flowprune.train import TrainConfig
-
-    d = root / f"dense_{model}_{data.name}_e{epochs}"
-    if (d / "model.json").exists():
-        return load(d), False
-    train_model(model, data, TrainConfig(epochs=epochs, lr=lr, seed=0), out_dir=d, measure_speed=False,
-                progress=False)
-    return load(d), True
+def best_tp(summary: list[dict], target: float, stage: str) -> dict | None:
+    rows = [r for r in summary if r["method"].startswith("tp-") and r["target"] == target and r[stage] is not None]
+    return max(rows, key=lambda r: r[stage]) if rows else None
 
 
-def goal_check(summary: list[dict], label: str) -> list[str]:
-    """Issue 3 item 6 goals, checked on one comparison's summary rows. Returns Markdown bullet lines."""
-    by = {(r["method"], r["target"]): r for r in summary}
-    targets = sorted({r["target"] for r in summary})
-    tps = sorted({r["method"] for r in summary if r["method"].startswith("tp-")})
+def _fmt(r: dict | None, stage: str) -> str:
+    return "-" if r is None or r.get(stage) is None else f"{100 * r[stage]:.1f} ± {100 * r[stage + '_std']:.1f}"
+
+
+def _ahead(a: dict, b: dict, stage: str) -> bool:
+    return a[stage] - b[stage] > max(a[stage + "_std"], b[stage + "_std"])
+
+
+def goal_check(bn_summary: list[dict], ft_summary: list[dict], label: str) -> list[str]:
+    """Issue 9's goals on one model. Returns Markdown bullets, each marked met / not met."""
     out = []
-
-    def best_tp(t, stage):
-        rows = [by[(m, t)] for m in tps if (m, t) in by and by[(m, t)][stage] is not None]
-        return max(rows, key=lambda r: r[stage]) if rows else None
-
-    def fmt(r, stage):
-        return f"{100 * r[stage]:.1f} ± {100 * r[stage + '_std']:.1f}"
-
-    if ("agf", targets[0]) not in by or not tps:
-        return [f"- {label}: goals need agf and a tp-* method; not checked"]
-    for t in [t for t in targets if t in (2.0, 4.0, 8.0)]:
-        a, b = by[("agf", t)], best_tp(t, "acc_bn")
-        ok = a["acc_bn"] > b["acc_bn"] and a["d_acc_bn_gt_std"]
-        out.append(f"- {label}, one-shot + BN, {t:g}x: AGF {fmt(a, 'acc_bn')} vs best TP ({b['method']}) "
-                   f"{fmt(b, 'acc_bn')} -> beats by > 1 std: **{'met' if ok else 'not met'}**")
-    for t in targets:
-        a, b = by[("agf", t)], best_tp(t, "acc_ft")
-        if a["acc_ft"] is None or b is None:
+    by = {(r["method"], r["target"]): r for r in bn_summary}
+    for t in sorted({r["target"] for r in bn_summary}):
+        a, b = by.get(("agf", t)), best_tp(bn_summary, t, "acc_bn")
+        if a is None or b is None:
             continue
-        if t in (2.0, 4.0):
-            ok = a["acc_ft"] >= b["acc_ft"] or not a["d_acc_ft_gt_std"]
-            want = "at least matches (not worse by > 1 std)"
-        else:
-            ok = a["acc_ft"] > b["acc_ft"] and a["d_acc_ft_gt_std"]
-            want = "beats by > 1 std"
-        out.append(f"- {label}, after fine-tune, {t:g}x: AGF {fmt(a, 'acc_ft')} vs best TP ({b['method']}) "
-                   f"{fmt(b, 'acc_ft')} -> {want}: **{'met' if ok else 'not met'}**")
-    t = 16.0
-    if ("agf", t) in by and ("random", t) in by:
-        for stage, name in (("acc_bn", "one-shot + BN"), ("acc_ft", "after fine-tune")):
-            a, r = by[("agf", t)], by[("random", t)]
-            if a[stage] is None:
-                continue
-            mags = [by[(m, t)] for m in ("l1", "tp-magnitude") if (m, t) in by]
-            agf_ok = a[stage] >= r[stage]
-            mag_below = all(m[stage] < r[stage] for m in mags)
-            mags_txt = ", ".join(f"{m['method']} {fmt(m, stage)}" for m in mags)
-            out.append(f"- {label}, 16x {name}: AGF {fmt(a, stage)} >= random {fmt(r, stage)}: "
-                       f"**{'met' if agf_ok else 'not met'}**; magnitude below random ({mags_txt}): "
-                       f"**{'yes' if mag_below else 'no'}**")
+        ok = _ahead(a, b, "acc_bn")
+        out.append(f"- {label}, one-shot + BN, {t:g}x: flowprune default {_fmt(a, 'acc_bn')} vs best Torch-Pruning "
+                   f"({b['method']}) {_fmt(b, 'acc_bn')} -> ahead by more than one std: **{'met' if ok else 'not met'}**; "
+                   f"std no larger: **{'met' if a['acc_bn_std'] <= b['acc_bn_std'] else 'not met'}**")
+    fby = {(r["method"], r["target"]): r for r in ft_summary}
+    for t in sorted({r["target"] for r in ft_summary}):
+        a, b = fby.get(("agf", t)), best_tp(ft_summary, t, "acc_ft")
+        if a is None or b is None or a.get("acc_ft") is None:
+            continue
+        level = not _ahead(b, a, "acc_ft")
+        out.append(f"- {label}, after fine-tune, {t:g}x: flowprune default {_fmt(a, 'acc_ft')} vs best Torch-Pruning "
+                   f"({b['method']}) {_fmt(b, 'acc_ft')} -> at least level (not behind by more than one std): "
+                   f"**{'met' if level else 'not met'}**")
+        r = fby.get(("random", t))
+        if t >= 16 and r is not None and r.get("acc_ft") is not None:
+            out.append(f"- {label}, after fine-tune, {t:g}x: flowprune default {_fmt(a, 'acc_ft')} vs random "
+                       f"{_fmt(r, 'acc_ft')} -> above random by more than one std: "
+                       f"**{'met' if _ahead(a, r, 'acc_ft') else 'not met'}**")
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="1-D CNN only, 1 seed, 2x/8x, 4 methods")
-    p.add_argument("--models", default="cnn1d,resnet20", help="comma-separated: resnet20 (mnist5k), cnn1d (mnist1d)")
-    p.add_argument("--methods", default=ALL_METHODS)
+    p.add_argument("--models", default="resnet20,cnn1d", help="comma-separated keys of benchmarks._dense.DENSE")
     p.add_argument("--targets", default="2x,4x,8x,16x")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=1, help="fine-tune epochs after the cut (default 1: short recovery)")
-    p.add_argument("--scratch-seeds", type=int, default=1, help="seeds of the train-from-scratch baseline (0 = skip)")
-    p.add_argument("--resnet-seeds", type=int, default=None, help="seeds for ResNet-20 only (default --seeds)")
-    p.add_argument("--resnet-epochs", type=int, default=None, help="fine-tune epochs for ResNet-20 (default --epochs)")
+    p.add_argument("--ft-epochs", type=int, default=5, help="fine-tune epochs after the cut (same for every method)")
+    p.add_argument("--ft-targets", default="4x,16x", help="targets that are fine-tuned (empty: none)")
+    p.add_argument("--methods", default=",".join(FLOWPRUNE + TP), help="methods cut one-shot")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the CPU is shared)")
-    p.add_argument("--root", default="runs/bench", help="cache of dense models and finished runs")
-    p.add_argument("--doc", default=None, help="also write the Markdown report here (e.g. docs/results/compare.md)")
-    p.add_argument("--no-speed", action="store_true")
+    p.add_argument("--root", default="runs/bench/compare")
+    p.add_argument("--doc", action="store_true", help="write docs/results/compare.{md,json}")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from benchmarks._dense import DENSE, dense_model
     from flowprune.compare import compare
-    from flowprune.data import load_dataset
     from flowprune.train import TrainConfig
 
-    models = args.models.split(",")
-    methods, targets, seeds = args.methods, args.targets.split(","), args.seeds
-    if args.quick:
-        models, methods, targets, seeds = ["cnn1d"], "agf,l1,random,tp-magnitude", ["2x", "8x"], 1
     command = "python -m benchmarks.bench_compare " + " ".join(argv if argv is not None else sys.argv[1:])
-    root = Path(args.root)
-    lines = ["# Benchmark: AGF vs baselines vs Torch-Pruning, one-shot and short recovery", "",
-             f"Command: `{command.strip()}`  ", f"Date: {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC; "
-             f"torch {torch.__version__}, {args.threads} thread(s), shared 2-core CPU.", ""]
-    goals: list[str] = []
+    lines = ["# flowprune's default vs Torch-Pruning, fair protocol (issue 9)", "",
+             f"Command: `{command.strip()}`  ",
+             f"Date: {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}, "
+             f"{args.threads} thread(s), shared 2-core CPU. Accuracy in % on the test split, mean ± std over "
+             f"{args.seeds} seeds (one dense model per seed).", ""]
+    goals, payload = [], {"command": command.strip(), "models": {}}
     t_all = time.perf_counter()
-    for key in models:
-        name, data_name, dense_epochs, lr = CONFIGS[key]
-        data = load_dataset(data_name, seed=0)
+    for key in args.models.split(","):
+        name, data_name, epochs, lr = DENSE[key]
+        seeds = list(range(args.seeds))
         t0 = time.perf_counter()
-        dense, trained = dense_model(name, data, dense_epochs, lr, root)
-        n_seeds = args.resnet_seeds if (key == "resnet20" and args.resnet_seeds) else seeds
-        ft = args.resnet_epochs if (key == "resnet20" and args.resnet_epochs is not None) else args.epochs
-        if args.quick:
-            ft = 1
-        out = root / "compare" / f"{name}_{data_name}_ft{ft}_s{n_seeds}"
-        res = compare(dense, data, methods, targets, n_seeds, finetune_epochs=ft, finetune_lr=0.01,
-                      dense_config=TrainConfig(epochs=dense_epochs, lr=lr, seed=0),
-                      scratch_seeds=args.scratch_seeds or None, scratch_epochs=None if args.scratch_seeds else 0,
-                      measure_speed=not args.no_speed, speed_repeats=10, out_dir=out, progress=False)
+        denses, infos = [], []
+        for s in seeds:
+            m, data, info = dense_model(key, s)
+            denses.append(m)
+            infos.append(info)
+        dense_cfg = TrainConfig(epochs=epochs, lr=lr)
+        common = dict(calib_batches=10, calib_batch_size=128, dense_config=dense_cfg, scratch_epochs=0,
+                      measure_speed=False, progress=False)
+        bn = compare(denses, data, args.methods, args.targets.split(","), seeds, finetune_epochs=0,
+                     out_dir=Path(args.root) / f"{key}_bn", **common)
+        ft_targets = [t for t in args.ft_targets.split(",") if t]
+        ft = {"summary": [], "table": ""}
+        if ft_targets and args.ft_epochs > 0:
+            from flowprune.compare import parse_target
+
+            tps = {best_tp(bn["summary"], parse_target(t), "acc_bn")["method"] for t in ft_targets}
+            ft = compare(denses, data, ["agf", *sorted(tps), "random"], ft_targets, seeds,
+                         finetune_epochs=args.ft_epochs, finetune_lr=0.01,
+                         out_dir=Path(args.root) / f"{key}_ft{args.ft_epochs}", **common)
         secs = time.perf_counter() - t0
         label = f"{name} / {data_name}"
-        lines += [f"## {label} (dense {dense_epochs} epochs{', trained now' if trained else ', cached'}; "
-                  f"{n_seeds} seed(s); fine-tune {ft} epoch(s); {secs:.0f} s)", "", res["table"], ""]
-        goals += goal_check(res["summary"], label)
+        accs = ", ".join(f"{100 * i['dense_acc']:.1f}" for i in infos)
+        lines += [f"## {label}", "", f"Dense: {epochs} epochs, test accuracy per seed {accs} %. Wall time {secs:.0f} s.",
+                  "", "### One-shot + BatchNorm re-estimation (no weight update)", "", bn["table"], ""]
+        if ft["table"]:
+            lines += [f"### After {args.ft_epochs} fine-tune epochs (same budget for every method)", "", ft["table"], ""]
+        g = goal_check(bn["summary"], ft["summary"], label)
+        goals += g
+        payload["models"][key] = {"dense_acc": [i["dense_acc"] for i in infos], "one_shot_bn": bn["summary"],
+                                  "finetuned": ft["summary"], "goals": g, "seconds": secs}
         print(f"[{label}] done in {secs:.0f} s", file=sys.stderr, flush=True)
-    lines += ["## Goals (issue 3, item 6), checked on the numbers above", ""] + goals
+    lines += ["## Goals (issue 9), checked on the numbers above", ""] + goals
     lines += ["", f"Total wall time: {time.perf_counter() - t_all:.0f} s."]
     text = "\n".join(lines)
     print(text)
     if args.doc:
-        Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.doc).write_text(text + "\n")
+        Path("docs/results").mkdir(parents=True, exist_ok=True)
+        Path("docs/results/compare.md").write_text(text + "\n")
+        Path("docs/results/compare.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
     return 0
 
 

@@ -89,7 +89,7 @@ def test_conv_bn_scores_match_hand_computation(feature):
     units = find_units(m, torch.randn(1, 2, 12))
     assert sorted(u.name for u in units) == ["c1", "c2"]
     batches = _batches((2, 12), n=3)
-    got = get_score("agf", feature=feature)(m, units, batches)
+    got = get_score("agf-paper", feature=feature)(m, units, batches)
     want = _hand_convbn(m, batches, feature)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-7)
@@ -102,7 +102,7 @@ def test_a_tensor_read_by_two_layers_counts_once():
     u = next(u for u in units if u.name == "fc1")
     assert {c.module_name for c in u.consumers} == {"a", "b"}
     batches = _batches((4,), n=2, b=6)
-    got = get_score("agf")(m, [u], batches)["fc1"]
+    got = get_score("agf-paper")(m, [u], batches)["fc1"]
     want = torch.zeros(6)
     for x, y in batches:
         h = torch.relu(m.fc1(x)).detach().requires_grad_(True)
@@ -149,7 +149,7 @@ def test_property_linear_scores_equal_hand_computation(b, n, seed, abs_mode):
     m = Shared()
     units = [u for u in find_units(m, torch.randn(1, 4)) if u.name == "fc1"]
     batches = _batches((4,), n=n, b=b, seed=seed)
-    got = get_score("agf", abs_mode=abs_mode)(m, units, batches)["fc1"]
+    got = get_score("agf-paper", abs_mode=abs_mode)(m, units, batches)["fc1"]
     want = torch.zeros(6, dtype=torch.float64)
     for x, y in batches:
         h = torch.relu(m.fc1(x)).detach().requires_grad_(True)
@@ -177,7 +177,7 @@ def test_every_branch_is_scored():
     units = find_units(m, torch.randn(1, 4))
     assert {"a1", "b1"} <= {u.name for u in units}
     batches = _batches((4,), n=2, b=6)
-    got = get_score("agf")(m, units, batches)
+    got = get_score("agf-paper")(m, units, batches)
     want = {"a1": torch.zeros(5), "b1": torch.zeros(6)}
     for x, y in batches:
         ha = torch.relu(m.a1(x)).detach().requires_grad_(True)

@@ -148,7 +148,7 @@ CASES = [
     ("target-inf", P[:-2] + ["--target-macs", "infx"], "infx"),
     ("target-below-1", P[:-2] + ["--target-macs", "0.5x"], "0.5"),
     ("target-unreachable", P[:-2] + ["--target-macs", "1000x"], "cannot be reached"),
-    ("steps0", P + ["--steps", "0"], "steps must be a positive integer, got 0"),
+    ("steps0", P + ["--steps", "0"], "steps must be a positive integer or 'auto', got '0'"),
     ("calib0", P + ["--calib-batches", "0"], "calib_batches must be a positive integer, got 0"),
     ("calib-bs-neg", P + ["--calib-batch-size", "-1"], "calib_batch_size"),
     ("ft-neg", P + ["--finetune-epochs", "-1"], "finetune_epochs must be an integer >= 0, got -1"),

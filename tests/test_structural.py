@@ -168,7 +168,7 @@ def test_prune_validates_before_work(digits_data):
 def test_prune_with_plain_batches_and_heads_only(digits_data):
     m = build_model("vit", (1, 8, 8), 10)
     batches = digits_data.calibration_batches(16, 2)
-    res = prune(m, batches, "agf", ratio=0.5, kinds=("head",))
+    res = prune(m, batches, "agf", ratio=0.5, kinds=("head",), budget="layer")
     assert set(res.widths) == {f"blocks.{i}.attn" for i in range(4)} and set(res.widths.values()) == {2}
     assert res.model.blocks[0].attn.num_heads == 2 and m.blocks[0].attn.num_heads == 4
     assert res.model(batches[0][0]).shape == (16, 10)

@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowprune", parents=[common],
                                      description="Make trained PyTorch networks smaller and faster.")
     parser.add_argument("--version", action="version", version=f"flowprune {__version__}")
+    from flowprune.commands._common import setup_parser
+
+    setup_parser(parser, overwrite=False)  # one-line argparse errors and the --threads range before the command too
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in _command_modules():
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP, parents=[common])

@@ -66,6 +66,9 @@ from flowprune.train import TrainConfig, fit, reestimate_bn
 
 FLOWPRUNE_METHODS = ("agf", "taylor", "l1", "l2", "bn_scale", "wanda", "ria", "random")
 TP_METHODS = ("tp-magnitude", "tp-l1", "tp-taylor", "tp-bn-scale", "tp-random")
+# "<tp method>-global" / "-uniform": the same importance with Torch-Pruning's ranking mode fixed
+# (the plain names follow ``tp_mode``), so one comparison can hold the best of both modes
+TP_MODE_METHODS = tuple(f"{m}-{mode}" for m in TP_METHODS for mode in ("global", "uniform"))
 TP_MODES = ("auto", "uniform", "global")
 DEFAULT_METHODS = ("agf", "l1", "taylor", "wanda", "random", "tp-magnitude", "tp-taylor")
 STAGES = ("acc_raw", "acc_bn", "acc_ft")
@@ -91,7 +94,15 @@ def available_methods() -> list[str]:
             names = list(_scores.SCORES)
     except Exception:  # noqa: BLE001 - scores package not importable yet: fall back to the contract
         pass
-    return names + list(TP_METHODS)
+    return names + list(TP_METHODS) + list(TP_MODE_METHODS)
+
+
+def split_tp_method(method: str, default_mode: str) -> tuple[str, str]:
+    """``"tp-taylor-global"`` -> ``("tp-taylor", "global")``; a plain ``tp-*`` name keeps ``default_mode``."""
+    for mode in ("global", "uniform"):
+        if method.endswith("-" + mode) and method[: -len(mode) - 1] in TP_METHODS:
+            return method[: -len(mode) - 1], mode
+    return method, default_mode
 
 
 def parse_target(value: object) -> float:
@@ -189,7 +200,8 @@ def _copy_with_grads(model: nn.Module) -> nn.Module:
 def tp_prune_to_target(model: nn.Module, method: str, target: float, *, input_shape: Sequence[int],
                        batches: Sequence[tuple[torch.Tensor, torch.Tensor]] = (), tol: float = 0.03,
                        mode: str = "auto", round_to: int | None = None, max_pruning_ratio: float = 0.95,
-                       max_trials: int = 12, seed: int = 0, cache: dict | None = None) -> tuple[nn.Module, dict]:
+                       max_trials: int = 12, seed: int = 0, cache: dict | None = None,
+                       importance=None) -> tuple[nn.Module, dict]:
     """Prune a copy of ``model`` with Torch-Pruning's ``MetaPruner`` to ``target`` x fewer MACs.
 
     The pruning ratio is searched until ``|achieved / target - 1| <= tol`` (bracketing
@@ -198,7 +210,9 @@ def tp_prune_to_target(model: nn.Module, method: str, target: float, *, input_sh
     ratio cannot reach, to save trials. ``mode``: ``uniform`` (one ratio per layer,
     Torch-Pruning's default), ``global`` (global ranking) or ``auto`` (uniform, then global if
     uniform cannot land within ``tol``). The classifier is never pruned. ``tp-taylor`` uses
-    gradients summed over ``batches``. The caller's model is not changed.
+    gradients summed over ``batches``. The caller's model is not changed. ``importance``: a
+    Torch-Pruning importance object to use instead of the one ``method`` names (e.g. a flowprune
+    score's ``as_tp_importance(...)``; it is reused across trials, so its cache is too).
 
     Returns:
         ``(pruned_model, info)`` with ``info = {"mode", "ratio", "achieved", "within_tol", "trials"}``.
@@ -208,7 +222,7 @@ def tp_prune_to_target(model: nn.Module, method: str, target: float, *, input_sh
     if mode not in TP_MODES:
         raise bad_choice("tp_mode", mode, TP_MODES)
     base = copy.deepcopy(model).eval()
-    if method == "tp-taylor":
+    if method == "tp-taylor" and importance is None:
         if not batches:
             raise FlowpruneError("tp-taylor needs calibration batches for its gradients")
         accumulate_gradients(base, batches)
@@ -221,7 +235,8 @@ def tp_prune_to_target(model: nn.Module, method: str, target: float, *, input_sh
         names = dict(base.named_modules())
         ignored = [dict(m.named_modules())[n] for n, mod in names.items() if mod is fc] if fc is not None else []
         torch.manual_seed(seed)  # tp-random
-        pruner = tp.pruner.MetaPruner(m, example, importance=tp_importance(method), global_pruning=global_pruning,
+        imp = importance if importance is not None else tp_importance(method)
+        pruner = tp.pruner.MetaPruner(m, example, importance=imp, global_pruning=global_pruning,
                                       pruning_ratio=ratio, max_pruning_ratio=max_pruning_ratio,
                                       ignored_layers=ignored, round_to=round_to)
         pruner.step()
@@ -311,17 +326,23 @@ def _make_score(method: str, seed: int, options: dict | None):
 
 def flowprune_one_shot(model: nn.Module, method: str, target: float, *, input_shape: Sequence[int],
                        batches: Sequence[tuple[torch.Tensor, torch.Tensor]], seed: int = 0,
-                       plan_options: dict | None = None,
-                       score_options: dict | None = None) -> tuple[nn.Module, dict, dict]:
+                       plan_options: dict | None = None, score_options: dict | None = None,
+                       compensate: bool | None = None) -> tuple[nn.Module, dict, dict]:
     """Score, plan and cut a copy of ``model`` once to ``target`` x fewer MACs with a flowprune score.
+
+    The plan uses ``flowprune.prune``'s defaults (``DEFAULT_BUDGET``, ``DEFAULT_NORMALIZE``) unless
+    ``plan_options`` says otherwise; ``compensate`` (default ``DEFAULT_COMPENSATE``) folds the removed
+    channels' calibration means into their consumers' biases before the cut (:mod:`flowprune.compensate`).
 
     Returns ``(pruned, cuts, info)``: ``cuts = {unit name: removed indices}`` in the dense unit's
     index space (used for the Jaccard overlap) and ``info = {"achieved": reduction}``.
     """
     from flowprune.plan import plan_cuts
-    from flowprune.pruning.structural import apply_cuts
+    from flowprune.pruning.structural import DEFAULT_BUDGET, DEFAULT_COMPENSATE, DEFAULT_NORMALIZE, apply_cuts
     from flowprune.units import find_units
 
+    po = {"budget": DEFAULT_BUDGET, "normalize": DEFAULT_NORMALIZE, **(plan_options or {})}
+    compensate = DEFAULT_COMPENSATE if compensate is None else compensate
     work = copy.deepcopy(model).eval()
     dev = next(work.parameters()).device
     example = torch.randn(1, *input_shape, device=dev)
@@ -329,11 +350,17 @@ def flowprune_one_shot(model: nn.Module, method: str, target: float, *, input_sh
     torch.manual_seed(seed)
     scorer = _make_score(method, seed, (score_options or {}).get(method))
     scores = scorer(work, units, list(batches))
-    cuts = plan_cuts(work, units, scores, example_inputs=example, target_macs=target, **(plan_options or {}))
-    pruned = apply_cuts(work, cuts, example_inputs=example)
+    cuts = plan_cuts(work, units, scores, example_inputs=example, target_macs=target, verify=not compensate, **po)
+    compensated = []
+    if compensate:
+        from flowprune.compensate import compensate_means, consumer_input_means
+
+        compensated = compensate_means(work, units, cuts, consumer_input_means(work, units, batches))
+    pruned = cuts.cut_model if cuts.cut_model is not None else apply_cuts(work, cuts, example_inputs=example)
     pruned.flowprune_base = getattr(model, "flowprune_base", None)
     cuts_json = {k: [int(i) for i in (v.tolist() if hasattr(v, "tolist") else v)] for k, v in cuts.items()}
-    info = {"plan_note": getattr(cuts, "note", ""), "widths": dict(getattr(cuts, "widths", {}) or {})}
+    info = {"plan_note": getattr(cuts, "note", ""), "widths": dict(getattr(cuts, "widths", {}) or {}),
+            "compensated": compensated}
     return pruned.eval(), cuts_json, info
 
 
@@ -417,7 +444,7 @@ def _run_key(method: str, target: float, seed: int) -> str:
     return f"{method}_{target:g}x_s{seed}"
 
 
-def compare(dense_model: nn.Module, data: DataSplits, methods: str | Sequence[str] = DEFAULT_METHODS,
+def compare(dense_model: nn.Module | Sequence[nn.Module], data: DataSplits, methods: str | Sequence[str] = DEFAULT_METHODS,
             targets: Sequence[float | str] = (2.0, 4.0, 8.0, 16.0), seeds: int | Sequence[int] = 3, *,
             finetune_epochs: int = 1, finetune_lr: float = 0.01, finetune_batches: int | None = None,
             calib_batches: int = 10, calib_batch_size: int = 64, dense_config: TrainConfig | None = None,
@@ -430,7 +457,9 @@ def compare(dense_model: nn.Module, data: DataSplits, methods: str | Sequence[st
     """Compare pruning methods from one dense model on equal work; returns (and writes) the results.
 
     Args:
-        dense_model: the trained dense model every method starts from (never changed).
+        dense_model: the trained dense model every method starts from (never changed), or one
+            dense model per seed (a list as long as ``seeds``: seed i prunes dense model i, so the
+            spread over seeds covers dense training as well as calibration, the fair protocol).
         data: the data set (calibration and fine-tuning on ``train``; accuracy on ``test``).
         methods: names or a comma-separated string (see :func:`available_methods`).
         targets: MACs reduction factors (``4``, ``"4x"``).
@@ -463,6 +492,16 @@ def compare(dense_model: nn.Module, data: DataSplits, methods: str | Sequence[st
     if not target_list:
         raise FlowpruneError("targets is empty; give at least one MACs reduction such as 4x")
     seed_list = _seed_list(seeds)
+    if isinstance(dense_model, nn.Module):
+        dense_models = [dense_model] * len(seed_list)
+    elif isinstance(dense_model, Sequence) and all(isinstance(m, nn.Module) for m in dense_model):
+        dense_models = list(dense_model)
+        if len(dense_models) != len(seed_list):
+            raise FlowpruneError(f"dense_model is a list of {len(dense_models)} models but there are "
+                                 f"{len(seed_list)} seeds; give one dense model per seed (or a single model)")
+    else:
+        raise FlowpruneError(f"dense_model must be a torch nn.Module or a list of them, got {type(dense_model).__name__}")
+    dense_model = dense_models[0]
     if isinstance(finetune_epochs, bool) or not isinstance(finetune_epochs, int) or finetune_epochs < 0:
         raise FlowpruneError(f"finetune_epochs must be an integer >= 0, got {finetune_epochs!r}")
     check_positive_int("calib_batches", calib_batches)
@@ -500,7 +539,8 @@ def compare(dense_model: nn.Module, data: DataSplits, methods: str | Sequence[st
               "scratch_seeds": s_seeds, "plan_options": plan_options or {}, "score_options": score_options or {},
               "tp_mode": tp_mode, "tol": tol, "round_to": round_to, "data": data.name, "model": base.get("name"),
               "torch_pruning_version": _tp_version()}
-    dense = copy.deepcopy(dense_model).eval()
+    denses = [copy.deepcopy(m).eval() for m in dense_models]
+    dense = denses[0]
     # reachability of every target, before any work: every unit at its minimum width
     from flowprune.plan import MacsModel, max_reduction
     from flowprune.units import find_units
@@ -533,7 +573,12 @@ def compare(dense_model: nn.Module, data: DataSplits, methods: str | Sequence[st
 
     test = make_loader(data.test, 512)
     dense_macs, dense_params = count_macs_params(dense, input_shape)
-    dense_info = {"accuracy": accuracy(dense, test), "macs": dense_macs, "params": dense_params}
+    dense_accs = [accuracy(m, test) for m in denses]
+    dense_info = {"accuracy": statistics.mean(dense_accs), "macs": dense_macs, "params": dense_params,
+                  "accuracy_per_seed": dense_accs, "per_seed_dense": len(dense_models) > 1 and
+                  any(m is not dense_models[0] for m in dense_models)}
+    if len(dense_accs) > 1:
+        dense_info["accuracy_std"] = statistics.stdev(dense_accs)
     if measure_speed:
         dense_info.update(_speed(dense, input_shape, speed_repeats, speed_batch))
     tp_cache: dict = {}
@@ -545,6 +590,7 @@ def compare(dense_model: nn.Module, data: DataSplits, methods: str | Sequence[st
     runs: list[dict] = []
     archs: dict[tuple[int, float], nn.Module] = {}
     for si, seed in enumerate(seed_list):
+        dense = denses[si]
         calib = data.calibration_batches(calib_batch_size, calib_batches, seed=seed, split="train")
         for target in target_list:
             for method in method_list:
@@ -557,8 +603,9 @@ def compare(dense_model: nn.Module, data: DataSplits, methods: str | Sequence[st
                 t0 = time.perf_counter()
                 cuts = None
                 if method.startswith("tp-"):
-                    pruned, info = tp_prune_to_target(dense, method, target, input_shape=input_shape, batches=calib,
-                                                      tol=tol, mode=tp_mode, round_to=round_to, seed=seed,
+                    tp_name, mode = split_tp_method(method, tp_mode)
+                    pruned, info = tp_prune_to_target(dense, tp_name, target, input_shape=input_shape, batches=calib,
+                                                      tol=tol, mode=mode, round_to=round_to, seed=seed,
                                                       cache=tp_cache)
                 else:
                     pruned, cuts, info = flowprune_one_shot(dense, method, target, input_shape=input_shape,
@@ -616,6 +663,7 @@ def compare(dense_model: nn.Module, data: DataSplits, methods: str | Sequence[st
     scratch_rows = []
     if do_scratch:
         for seed in s_seeds:
+            dense = denses[seed_list.index(seed)]
             for target in s_targets:
                 key = f"scratch_{scratch_from}_{target:g}x_s{seed}"
                 path = run_dir / f"{key}.json" if run_dir is not None else None
@@ -744,7 +792,10 @@ def render_markdown(config: dict, dense: dict, summary: Sequence[dict], jaccard:
     n_seeds = len(config["seeds"])
     has_tp = any(m.startswith("tp-") for m in config["methods"])
     ref_name = "best tp-*" if has_tp else config["methods"][0]
-    lines = [f"Dense {config.get('model')} on {config['data']}: test accuracy {100 * dense['accuracy']:.1f} %, "
+    acc_std = f" ± {100 * dense['accuracy_std']:.1f}" if dense.get("accuracy_std") is not None else ""
+    per_seed = " (one dense model per seed)" if dense.get("per_seed_dense") else ""
+    lines = [f"Dense {config.get('model')} on {config['data']}{per_seed}: test accuracy "
+             f"{100 * dense['accuracy']:.1f}{acc_std} %, "
              f"{dense['macs'] / 1e6:.2f} M MACs, {dense['params'] / 1e3:.1f} K params"
              + (f", latency b1 {dense['latency_ms_b1']:.2f} ms, throughput b{speed_batch} "
                 f"{dense[f'throughput_b{speed_batch}']:.0f}/s" if "latency_ms_b1" in dense else "") + ".",

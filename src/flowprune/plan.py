@@ -8,7 +8,12 @@
   comparable across layers, so each score is divided by a block statistic first
   (``normalize``): ``"unit"`` -- the mean score of its own unit (default; "U_c / mean U over its
   block" with the unit as the block), ``"block"`` -- the mean over every unit whose root shares the
-  same parent module (a residual block, a transformer block), ``"none"`` -- raw scores.
+  same parent block (a residual block, a transformer block; a unit directly inside a plain
+  ``Sequential`` is its own block, see :func:`block_of`), ``"none"`` -- raw scores.
+* ``budget="macs"``: one global ranking by *normalised utility per MAC saved*: starting from the
+  full widths, the channel whose removal loses the least normalised score per MAC it saves (exact
+  MACs model, recomputed after every removal) goes first, until the MACs target is met. Needs
+  ``target_macs``.
 * ``target_macs=R`` (a reduction factor, 4.0 = 4x fewer MACs): a search over the budget's own
   knob (the uniform ratio for ``layer``, the global fraction for ``global``) by bisection on an
   exact MACs model (per-layer MACs from Torch-Pruning's counter, scaled by the kept fraction of
@@ -33,7 +38,7 @@ from torch import nn
 
 from flowprune.errors import FlowpruneError, bad_choice, check_fraction, check_positive_int
 
-BUDGETS = ("layer", "global")
+BUDGETS = ("layer", "global", "macs")
 NORMALIZE = ("unit", "block", "none")
 TOLERANCE = 0.03
 
@@ -134,8 +139,27 @@ def _round_width(k: float, size: int, min_width: int, round_to: int) -> int:
     return int(min(size, k))
 
 
-def normalised(units: Sequence, scores: Mapping[str, torch.Tensor], mode: str) -> dict[str, torch.Tensor]:
-    """Scores divided by their block statistic (see the module docstring)."""
+def block_of(model: nn.Module | None, unit) -> str:
+    """The block a unit is normalised over with ``normalize="block"``.
+
+    The unit's enclosing module (a residual block, a transformer block) when that module is a real
+    block; when the enclosing module is a plain container (``nn.Sequential``, ``nn.ModuleList``,
+    ``nn.ModuleDict``) or the model itself, the unit is its own block (so a plain Sequential net
+    gets per-unit normalisation instead of one shared statistic, which would be raw scores).
+    """
+    parent = unit.block
+    if model is None or not parent:
+        return unit.name if not parent else parent
+    mods = dict(model.named_modules())
+    m = mods.get(parent)
+    if m is None or m is model or isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        return unit.name
+    return parent
+
+
+def normalised(units: Sequence, scores: Mapping[str, torch.Tensor], mode: str,
+               model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Scores divided by their block statistic (see the module docstring and :func:`block_of`)."""
     out = {}
     if mode == "none":
         return {u.name: scores[u.name].double() for u in units}
@@ -146,11 +170,12 @@ def normalised(units: Sequence, scores: Mapping[str, torch.Tensor], mode: str) -
             out[u.name] = s / m if m > 0 else s
         return out
     blocks: dict[str, list[torch.Tensor]] = {}
+    block = {u.name: block_of(model, u) for u in units}
     for u in units:
-        blocks.setdefault(u.block, []).append(scores[u.name].double())
+        blocks.setdefault(block[u.name], []).append(scores[u.name].double())
     mean = {b: torch.cat(v).abs().mean() for b, v in blocks.items()}
     for u in units:
-        m = mean[u.block]
+        m = mean[block[u.name]]
         out[u.name] = scores[u.name].double() / m if m > 0 else scores[u.name].double()
     return out
 
@@ -193,8 +218,12 @@ def check_budget_args(ratio, width, target_macs, budget, min_width, round_to, no
         raise bad_choice("normalize", normalize, NORMALIZE)
     check_positive_int("min_width", min_width)
     check_positive_int("round_to", round_to)
-    if width is not None and budget == "global":
-        raise FlowpruneError("width=k is a per-layer budget; use budget='layer' (or ratio/target_macs with 'global')")
+    if width is not None and budget != "layer":
+        raise FlowpruneError(f"width=k is a per-layer budget; use budget='layer' (or ratio/target_macs with "
+                             f"{budget!r})")
+    if budget == "macs" and target_macs is None:
+        raise FlowpruneError("budget='macs' ranks channels by utility per MAC saved and needs target_macs "
+                             "(e.g. target_macs=4.0); use budget='global' or 'layer' with a ratio")
     return target_macs
 
 
@@ -244,7 +273,7 @@ def plan_cuts(model: nn.Module, units: Sequence, scores: Mapping[str, torch.Tens
         for k, v in width.items():
             check_positive_int(f"width[{k!r}]", v)
     mm = macs_model or MacsModel(model, units, example_inputs)
-    norm = normalised(units, scores, normalize)
+    norm = normalised(units, scores, normalize, model)
     note = ""
     measured = None
     cut_model = None
@@ -264,6 +293,9 @@ def plan_cuts(model: nn.Module, units: Sequence, scores: Mapping[str, torch.Tens
             return mm.total / max(mm.macs(w), 1e-9)
 
         def search(t: float) -> tuple[dict[str, int], str]:
+            if budget == "macs":
+                full = {u.name: u.size for u in units}
+                return _greedy_refine(units, norm, full, mm, t, min_width, round_to), "macs budget (utility per MAC)"
             lo, hi = 0.0, 1.0 - 1e-9
             w_hi = widths_at(hi)
             for _ in range(40):
@@ -289,18 +321,16 @@ def plan_cuts(model: nn.Module, units: Sequence, scores: Mapping[str, torch.Tens
         widths, how = search(t_est)
         measured = None
         if verify:
-            measured = _measure_reduction(model, units, scores, widths, example_inputs)
-            tries = [(abs(measured / target - 1), widths, how, measured)]
+            measured, cut_model = _measure_reduction(model, units, scores, widths, example_inputs)
+            tries = [(abs(measured / target - 1), widths, how, measured, cut_model)]
             for _ in range(3):
                 if abs(measured / target - 1) <= TOLERANCE:
                     break
                 t_est = min(t_est * target / measured, reach)
                 widths, how = search(t_est)
-                measured = _measure_reduction(model, units, scores, widths, example_inputs)
-                tries.append((abs(measured / target - 1), widths, how, measured))
-            _, widths, how, measured = min(tries, key=lambda t: t[0])
-            cut_model = _LAST_CUT.get(id(widths))
-            _LAST_CUT.clear()
+                measured, cut_model = _measure_reduction(model, units, scores, widths, example_inputs)
+                tries.append((abs(measured / target - 1), widths, how, measured, cut_model))
+            _, widths, how, measured, cut_model = min(tries, key=lambda t: t[0])
         note = f"{how}: {measured if measured is not None else red(widths):.3f}x for target {target:g}x"
     elif width is not None:
         if isinstance(width, Mapping):
@@ -342,7 +372,8 @@ def _greedy_refine(units, norm, widths: dict[str, int], mm: MacsModel, target: f
     sorted_scores = {u.name: torch.sort(norm[u.name]).values for u in units}
     w = dict(widths)
     for _ in range(sum(sizes.values())):
-        if mm.total / max(mm.macs(w), 1e-9) >= target:
+        base = mm.macs(w)
+        if mm.total / max(base, 1e-9) >= target:
             break
         best, best_val = None, None
         for n in w:
@@ -351,7 +382,7 @@ def _greedy_refine(units, norm, widths: dict[str, int], mm: MacsModel, target: f
             removed = sizes[n] - w[n]
             # next channels to remove from this unit: the lowest still kept
             val = float(sorted_scores[n][removed: removed + step[n]].sum())
-            saving = mm.macs(w) - mm.macs({**w, n: w[n] - step[n]})
+            saving = base - mm.macs({**w, n: w[n] - step[n]})
             val = val / max(saving, 1e-9)  # score lost per MAC saved
             if best_val is None or val < best_val:
                 best, best_val = n, val
@@ -361,15 +392,13 @@ def _greedy_refine(units, norm, widths: dict[str, int], mm: MacsModel, target: f
     return w
 
 
-def _measure_reduction(model, units, scores, widths, example_inputs) -> float:
-    """Real MACs reduction of cutting ``model`` to ``widths`` (Torch-Pruning's counter on a cut copy).
-
-    The cut copy is kept in ``_LAST_CUT`` so :func:`plan_cuts` can hand it on (no second surgery).
-    """
+def _measure_reduction(model, units, scores, widths, example_inputs) -> tuple[float, nn.Module]:
+    """Real MACs reduction of cutting ``model`` to ``widths`` (Torch-Pruning's counter on a cut copy),
+    and the cut copy itself, so :func:`plan_cuts` can hand it on (no second surgery)."""
     import torch_pruning as tp
 
+    from flowprune.cut import apply_cuts
     from flowprune.measure import eval_mode
-    from flowprune.pruning.structural import apply_cuts
 
     cuts = {}
     for u in units:
@@ -381,8 +410,4 @@ def _measure_reduction(model, units, scores, widths, example_inputs) -> float:
         before = tp.utils.count_ops_and_params(model, x)[0]
     with eval_mode(new), torch.no_grad():
         after = tp.utils.count_ops_and_params(new, x)[0]
-    _LAST_CUT[id(widths)] = new
-    return float(before) / max(float(after), 1e-9)
-
-
-_LAST_CUT: dict[int, nn.Module] = {}
+    return float(before) / max(float(after), 1e-9), new

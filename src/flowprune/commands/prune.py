@@ -37,11 +37,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--target-macs", default=None, help="MACs reduction, e.g. 4x (= 4 times fewer MACs)")
     g.add_argument("--ratio", type=float, default=None, help="fraction of every unit's width to remove, in [0, 1)")
-    p.add_argument("--steps", type=int, default=1, help="iterative pruning steps (default 1: one shot)")
+    p.add_argument("--steps", default="1", help="iterative pruning steps (default 1: one shot), or 'auto' "
+                   "(one step per halving of the MACs)")
     p.add_argument("--schedule", default="geometric", help="geometric or linear")
-    p.add_argument("--budget", default="layer", help="layer (per-layer top-k) or global (normalised ranking)")
+    p.add_argument("--budget", default=None, help="global (default: one ranking of unit-normalised scores), layer "
+                   "(per-layer top-k) or macs (utility per MAC saved)")
+    p.add_argument("--normalize", default=None, help="global ranking normalisation: unit (default), block or none")
+    p.add_argument("--no-compensate", action="store_true",
+                   help="do not fold the removed channels' means into their consumers' biases")
+    p.add_argument("--score-option", action="append", default=[], metavar="K=V",
+                   help="an option of the score, e.g. --score-option abs_mode=elementwise (repeatable)")
     p.add_argument("--calib-batches", type=int, default=10, help="calibration batches T (default 10)")
-    p.add_argument("--calib-batch-size", type=int, default=64)
+    p.add_argument("--calib-batch-size", type=int, default=128)
     p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune epochs between steps")
     p.add_argument("--final-finetune-epochs", type=int, default=None,
                    help="fine-tune epochs after the last step (default: --finetune-epochs)")
@@ -50,6 +57,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-width", type=int, default=1, help="no unit goes below this width")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--no-speed", action="store_true", help="skip latency/throughput measurement")
+
+
+def parse_steps(value: str) -> int | str:
+    """``--steps``: a positive integer or ``auto``."""
+    from flowprune.errors import FlowpruneError
+
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise FlowpruneError(f"--steps must be a positive integer or 'auto', got {value!r}") from None
+    if n < 1:
+        raise FlowpruneError(f"--steps must be a positive integer or 'auto', got {value!r}")
+    return n
+
+
+def parse_options(flag: str, items: list[str]) -> dict:
+    """``K=V`` strings -> a dict; V parsed as JSON where it can be (numbers, true/false), else a string."""
+    import json
+
+    from flowprune.errors import FlowpruneError
+
+    out = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep or not k.strip():
+            raise FlowpruneError(f"{flag} must look like key=value, got {item!r}")
+        try:
+            out[k.strip()] = json.loads(v)
+        except ValueError:
+            out[k.strip()] = v
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,6 +108,11 @@ def run(args: argparse.Namespace) -> int:
         raise bad_choice("--method", args.method, list_scores())
     if args.target_macs is None and args.ratio is None:
         raise FlowpruneError("give --target-macs (e.g. 4x) or --ratio (a fraction in [0, 1))")
+    steps = parse_steps(args.steps)
+    score_options = parse_options("--score-option", args.score_option)
+    from flowprune.scores import get_score
+
+    get_score(args.method, **score_options)  # unknown or bad options: one clear error before any work
     check_out_path(args.out)
     model = load_model_arg(args.checkpoint)
     base = model.flowprune_base
@@ -85,13 +130,15 @@ def run(args: argparse.Namespace) -> int:
         import json
 
         done = json.loads((out / "steps" / "state.json").read_text()).get("step")
-        print(f"flowprune: prune resumes after step {done} of {args.steps} (checkpoints in {out / 'steps'})",
+        print(f"flowprune: prune resumes after step {done} of {steps} (checkpoints in {out / 'steps'})",
               file=sys.stderr)
     test = make_loader(data.test, 512)
     dense_acc = accuracy(model, test)
     with run, Timer() as t:
-        res = prune(model, data, args.method, target_macs=args.target_macs, ratio=args.ratio, steps=args.steps,
+        extra = {"normalize": args.normalize} if args.normalize is not None else {}
+        res = prune(model, data, args.method, target_macs=args.target_macs, ratio=args.ratio, steps=steps,
                     schedule=args.schedule, budget=args.budget, calib_batches=args.calib_batches,
+                    compensate=not args.no_compensate, score_options=score_options, **extra,
                     calib_batch_size=args.calib_batch_size, finetune_epochs=args.finetune_epochs,
                     final_finetune_epochs=final_ft, finetune_config=cfg, min_width=args.min_width,
                     round_to=args.round_to, seed=args.seed, checkpoint_dir=out / "steps")
@@ -99,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
     acc_final = accuracy(res.model, test)
     dense_macs, dense_params = count_macs_params(model, data.input_shape)
     results = {"model_name": base["name"], "data": data.name, "method": args.method, "seed": args.seed,
-               "target_macs": args.target_macs, "ratio": args.ratio, "budget": args.budget, "steps": args.steps,
+               "target_macs": args.target_macs, "ratio": args.ratio, "budget": res.config["budget"],
+               "steps": res.config["steps"],
                "dense_accuracy": dense_acc, "accuracy_after_cut": last.get("acc_cut"),
                "accuracy_after_bn": last.get("acc_bn"),
                "accuracy_before_finetune": last.get("acc_bn", last.get("acc_cut")),

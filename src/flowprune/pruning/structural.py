@@ -36,8 +36,14 @@ log = logging.getLogger(__name__)
 
 from flowprune.cut import _example, apply_cuts, cut_heads  # noqa: E402,F401 -- surgery lives in flowprune.cut
 
-
 # ----------------------------------------------------------------------------------------- procedure
+
+# flowprune's default structural pruning, chosen by measurement (docs/results/study_structural.md):
+# the ``agf`` score (centred, see flowprune.scores.agf), one global ranking of unit-normalised
+# scores, and mean compensation of the removed channels before the cut.
+DEFAULT_BUDGET = "global"
+DEFAULT_NORMALIZE = "unit"
+DEFAULT_COMPENSATE = True
 
 @dataclass
 class PruneResult:
@@ -97,12 +103,13 @@ def _eval_loader(data):
 
 
 def prune(model: nn.Module, data, method: str = "agf", *, target_macs: float | str | None = None,
-          ratio: float | None = None, steps: int = 1, schedule: str = "geometric", budget: str | None = None,
+          ratio: float | None = None, steps: int | str = 1, schedule: str = "geometric", budget: str | None = None,
           calib_batches: int = 10, calib_batch_size: int = 64, finetune_epochs: int = 0,
           final_finetune_epochs: int = 0, finetune_config=None, min_width: int = 1, round_to: int = 1,
           seed: int = 0, checkpoint_dir: str | os.PathLike | None = None, progress: bool | None = None,
-          score_options: dict | None = None, normalize: str = "unit", reestimate_bn: bool = True,
+          score_options: dict | None = None, normalize: str = DEFAULT_NORMALIZE, reestimate_bn: bool = True,
           measure: bool = True, kinds: Sequence[str] = ("channel", "neuron", "head"),
+          compensate: bool = DEFAULT_COMPENSATE,
           on_step: Callable[[dict, nn.Module], None] | None = None) -> PruneResult:
     """Prune ``model`` by ``method`` to ``target_macs`` (or ``ratio``); returns a :class:`PruneResult`.
 
@@ -119,11 +126,15 @@ def prune(model: nn.Module, data, method: str = "agf", *, target_macs: float | s
         target_macs: reduction factor (4.0 or "4x" = 4x fewer MACs than the input model).
         ratio: fraction of every unit's width to remove, in [0, 1) (exclusive with target_macs).
         steps, schedule: iterative schedule (``geometric`` or ``linear``; see :mod:`flowprune.schedules`).
+            ``steps="auto"``: one step per halving of the MACs (``ceil(log2(target_macs))``; 1 for a
+            ratio), each step re-scored on fresh batches after BN re-estimation.
         budget: ``layer`` (default) or ``global`` (see :mod:`flowprune.plan`).
         finetune_config: a :class:`flowprune.train.TrainConfig` (epochs are overridden).
         checkpoint_dir: after step K, ``DIR/step_K`` (flowprune.io format) and ``DIR/state.json``;
             a rerun with the same arguments resumes after the last finished step.
         score_options: options of the score (e.g. ``{"abs_mode": "after_sum"}`` for AGF).
+        compensate: fold the calibration mean of every removed channel into its consumers' biases
+            before the cut (:mod:`flowprune.compensate`; statistics only, no training).
         on_step: ``f(step_record, model)`` called after every step (e.g. for logging).
     """
     from flowprune.measure import accuracy, count_macs_params
@@ -146,9 +157,9 @@ def prune(model: nn.Module, data, method: str = "agf", *, target_macs: float | s
     if ratio is not None:
         ratio = check_fraction("ratio", ratio)
     target = parse_target(target_macs) if target_macs is not None else None
-    budget = budget or "layer"
+    budget = budget or DEFAULT_BUDGET
     check_budget_args(ratio, None, target, budget, min_width, round_to, normalize)
-    check_positive_int("steps", steps)
+    steps = resolve_steps(steps, target)
     if schedule not in SCHEDULES:
         raise bad_choice("schedule", schedule, SCHEDULES)
     check_positive_int("calib_batches", calib_batches)
@@ -187,7 +198,7 @@ def prune(model: nn.Module, data, method: str = "agf", *, target_macs: float | s
               "budget": budget, "calib_batches": calib_batches, "calib_batch_size": calib_batch_size,
               "finetune_epochs": finetune_epochs, "final_finetune_epochs": final_finetune_epochs,
               "min_width": min_width, "round_to": round_to, "seed": seed, "normalize": normalize,
-              "score_options": score_options or {}, "reestimate_bn": reestimate_bn,
+              "score_options": score_options or {}, "reestimate_bn": reestimate_bn, "compensate": compensate,
               "finetune_config": asdict(ft_cfg) if hasattr(ft_cfg, "__dataclass_fields__") else None}
     eval_loader = _eval_loader(data) if measure else None
     history: list[dict] = []
@@ -245,6 +256,12 @@ def prune(model: nn.Module, data, method: str = "agf", *, target_macs: float | s
                 plan = _plan(work, units, scores, x_ex.to(dev), ratio=r_cur, budget="global", min_width=min_width,
                              round_to=round_to, normalize=normalize, mm=cur_macs)
         t0 = time.perf_counter()
+        if plan is not None and compensate:
+            from flowprune.compensate import compensate_means, consumer_input_means
+
+            rec["compensated"] = compensate_means(work, units, plan, consumer_input_means(work, units, calib))
+            if rec["compensated"]:
+                plan.cut_model = None  # the verified cut copy predates the compensation: cut again
         if plan is not None:
             cut = getattr(plan, "cut_model", None)
             work = cut if cut is not None else apply_cuts(work, plan, example_inputs=x_ex.to(dev))
@@ -292,6 +309,17 @@ def prune(model: nn.Module, data, method: str = "agf", *, target_macs: float | s
     return PruneResult(model=work, history=history, widths=dict(final_widths), macs=macs,
                        params=params, dense_macs=dense_macs, dense_params=dense_params, method=method, config=config,
                        unsupported=list(units0.unsupported))
+
+
+def resolve_steps(steps: int | str, target: float | None) -> int:
+    """``steps`` as a count: an int >= 1, or ``"auto"`` = ceil(log2(target)) (1 without a MACs target)."""
+    import math
+
+    if steps == "auto":
+        return max(1, math.ceil(math.log2(target) - 1e-9)) if target is not None else 1
+    if isinstance(steps, str):
+        raise FlowpruneError(f"steps must be a positive integer or 'auto', got {steps!r}")
+    return check_positive_int("steps", steps)
 
 
 def _plan(model, units, scores, x, *, mm, **kw):

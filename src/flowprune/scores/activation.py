@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flowprune.errors import FlowpruneError
+from flowprune.errors import FlowpruneError, bad_choice
 from flowprune.scores.base import (
     Score,
     device_of,
@@ -24,6 +24,7 @@ from flowprune.scores.base import (
     modules_of,
     register_score,
 )
+from flowprune.scores.magnitude import BN_MODES, bn_fold_factors
 
 
 def input_norms(model: nn.Module, names: set[str], batches) -> dict[str, torch.Tensor]:
@@ -58,6 +59,15 @@ def _expanded_norm(mod: nn.Module, xn: torch.Tensor, w: torch.Tensor) -> torch.T
 
 
 class _ActivationScore(Score):
+    """Per-weight activation-aware magnitude; ``bn="fold"`` (default) scales each producer row by its
+    BatchNorm's |gamma| / sqrt(var + eps), as :mod:`flowprune.scores.magnitude` explains."""
+
+    OPTIONS = {"bn": "fold"}
+
+    def validate(self) -> None:
+        if self.options["bn"] not in BN_MODES:
+            raise bad_choice(f"{self.name} bn", self.options["bn"], BN_MODES)
+
     def per_weight(self, mod: nn.Module, w: torch.Tensor, xn: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -69,6 +79,7 @@ class _ActivationScore(Score):
         out = {}
         for u in units:
             acc = torch.zeros(u.size, dtype=torch.float64)
+            factors = bn_fold_factors(model, u) if self.options["bn"] == "fold" else {}
             for m in u.producers:
                 if m.module_name not in cache:
                     mod = mods[m.module_name]
@@ -76,7 +87,9 @@ class _ActivationScore(Score):
                     if m.module_name not in norms:
                         raise FlowpruneError(f"layer {m.module_name} saw no input in the calibration batches")
                     cache[m.module_name] = self.per_weight(mod, w, norms[m.module_name]).flatten(1).sum(1)
-                acc.index_add_(0, m.root_idxs, cache[m.module_name][m.idxs])
+                row = cache[m.module_name][m.idxs]
+                f = factors.get(m.module_name)
+                acc.index_add_(0, m.root_idxs, row * f if f is not None else row)
             out[u.name] = acc
         return out
 
@@ -93,9 +106,10 @@ class Wanda(_ActivationScore):
 class RIA(_ActivationScore):
     """Relative importance (row- and column-normalised |W|) times ||X||_2^power."""
 
-    OPTIONS = {"power": 0.5}
+    OPTIONS = {"power": 0.5, "bn": "fold"}
 
     def validate(self):
+        super().validate()
         p = self.options["power"]
         if not isinstance(p, (int, float)) or p < 0:
             raise FlowpruneError(f"ria power must be a number >= 0, got {p!r}")

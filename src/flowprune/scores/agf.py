@@ -15,7 +15,9 @@ is one forward and one backward with the *summed* loss). Choices (options, defau
   counts once and the unit's score is the sum over those tensors.
 * ``abs_mode``: ``"elementwise"`` -- |Y * dL/dY| per element, then summed over positions;
   ``"after_sum"`` -- summed over the unit's positions (and a head's head_dim) per sample, then
-  the absolute value; ``"signed"`` -- no absolute value (first-order Taylor in feature space:
+  the absolute value; ``"squared"`` -- summed over the unit's positions and tensors per sample,
+  then squared (the empirical-Fisher estimate of the loss increase, as in optimal brain damage:
+  dL ~ 1/2 E_x[(sum Y * dL_x/dY)^2]); ``"signed"`` -- no absolute value (first-order Taylor in feature space:
   per batch it equals d(mean loss)/d(alpha_c) for a scale alpha_c on the unit's output).
 * ``calibration``: ``"frozen"`` -- eval mode, no weight updates; ``"trajectory"`` -- a copy
   of the model takes one SGD step (``trajectory_lr``) in train mode after each scoring batch.
@@ -49,7 +51,7 @@ from flowprune.scores.base import (
 )
 
 FEATURES = ("post", "raw")
-ABS_MODES = ("elementwise", "after_sum", "signed")
+ABS_MODES = ("elementwise", "after_sum", "squared", "signed")
 CALIBRATIONS = ("frozen", "trajectory")
 
 
@@ -64,7 +66,8 @@ def feature_members(unit, feature: str):
 class AGF(Score):
     """AGF utility |Y * dL/dY| (see the module docstring for every option)."""
 
-    OPTIONS = {"feature": "post", "abs_mode": "elementwise", "calibration": "frozen", "trajectory_lr": 0.01}
+    OPTIONS = {"feature": "post", "abs_mode": "after_sum", "calibration": "frozen", "trajectory_lr": 0.01,
+               "center": True}
     needs_labels = True
 
     def validate(self) -> None:
@@ -75,6 +78,8 @@ class AGF(Score):
             raise bad_choice("agf abs_mode", o["abs_mode"], ABS_MODES)
         if o["calibration"] not in CALIBRATIONS:
             raise bad_choice("agf calibration", o["calibration"], CALIBRATIONS)
+        if not isinstance(o["center"], bool):
+            raise FlowpruneError(f"agf center must be True or False, got {o['center']!r}")
         lr = o["trajectory_lr"]
         if not isinstance(lr, (int, float)) or lr <= 0:
             raise FlowpruneError(f"agf trajectory_lr must be a positive number, got {lr!r}")
@@ -92,7 +97,7 @@ class AGF(Score):
         for members in plan.values():
             for m, where in members:
                 keys.setdefault((m.module_name, where), [])
-        acc = _FeatureSums(absolute=o["abs_mode"] == "elementwise")
+        acc = _FeatureSums(absolute=o["abs_mode"] == "elementwise", center=o["center"])
         handles = []
         for (name, where), store in keys.items():
             lay = layout[name]
@@ -146,6 +151,8 @@ class AGF(Score):
                                 part = torch.zeros(bsz, u.size, dtype=torch.float64, device=dev)
                                 part.index_add_(1, m.root_idxs.to(dev), per[:, m.idxs.to(dev)])
                                 u_acc += part.abs() if o["abs_mode"] == "after_sum" else part
+                        if o["abs_mode"] == "squared":
+                            u_acc = u_acc ** 2
                         totals[u.name] += u_acc.mean(0).cpu()
                     if trajectory:
                         with torch.no_grad():
@@ -179,6 +186,15 @@ def _channel_sums(t: torch.Tensor, lay: str, absolute: bool) -> torch.Tensor:
     return t.reshape(t.shape[0], -1, t.shape[-1]).sum(1)
 
 
+def _centred(y: torch.Tensor, lay: str) -> torch.Tensor:
+    """``y`` minus its per-channel mean over the batch and positions (channels by layout)."""
+    if lay == "conv" and y.dim() > 2:
+        dims = [0] + list(range(2, y.dim()))
+    else:
+        dims = list(range(y.dim() - 1))
+    return y - y.mean(dim=dims, keepdim=True)
+
+
 class _FeatureSums:
     """Per-batch store of the per-sample, per-channel sums of ``Y * dL/dY`` over each feature's positions.
 
@@ -190,8 +206,9 @@ class _FeatureSums:
     forward's saved activations plus one gradient in flight, as in a training step.
     """
 
-    def __init__(self, absolute: bool):
+    def __init__(self, absolute: bool, center: bool = False):
         self.absolute = absolute
+        self.center = center
         self.reset()
 
     def reset(self) -> None:
@@ -247,13 +264,25 @@ class _FeatureSums:
         y = self.feats.pop(key, None)
         if y is None:
             return
-        prod = y * g  # reduced in the feature dtype, accumulated in float64 by the caller
-        del y
         for lay in self.layouts[key]:
+            yc = _centred(y, lay) if self.center else y
+            prod = yc * g  # reduced in the feature dtype, accumulated in float64 by the caller
             self.sums[(key, lay)] = _channel_sums(prod, lay, self.absolute).detach()
+        del y
 
 
 def copy_for_trajectory(model: nn.Module) -> nn.Module:
     import copy
 
     return copy.deepcopy(model)
+
+
+@register_score("agf-paper")
+class AGFPaper(AGF):
+    """The AGF paper's plain reading: post-activation Y, |Y * dL/dY| elementwise, frozen, not centred.
+
+    Kept by name so the published criterion stays reachable whatever ``agf``'s defaults become.
+    """
+
+    OPTIONS = {"feature": "post", "abs_mode": "elementwise", "calibration": "frozen", "trajectory_lr": 0.01,
+               "center": False}

@@ -13,10 +13,13 @@ Using a flowprune score inside Torch-Pruning's own pruners::
     pruner.step()
 
 The adapter finds flowprune's units on the model Torch-Pruning hands it (``group._DG.model``),
-scores them once per architecture (it rescoring after every cut of an iterative pruner) and
-returns, for a Torch-Pruning group, the score of the flowprune unit that owns the group's root
-layer, indexed by the group's root indices. Groups flowprune does not score get ``None``
-(Torch-Pruning then skips them).
+scores them once per set of weights (keyed by a content fingerprint, so the deep copies of a
+ratio search and the repeated calls of one pruning step reuse one scoring, while an iterative
+pruner's cut model is rescored) and returns, for a Torch-Pruning group, the score of the flowprune
+unit that owns the group's root layer, indexed by the group's root indices and normalised per
+group (``normalizer="mean"`` as Torch-Pruning's own importances, so ``global_pruning=True``
+compares layers on one scale). Groups flowprune does not score get ``None`` (Torch-Pruning then
+skips them).
 """
 
 from __future__ import annotations
@@ -98,9 +101,13 @@ class Score:
         raise NotImplementedError
 
     def as_tp_importance(self, batches: Batches | None = None, example_inputs: torch.Tensor | None = None,
-                         model: nn.Module | None = None):
-        """This score as a ``torch_pruning.importance.Importance`` (see the module docstring)."""
-        return TPImportance(self, batches, example_inputs, model)
+                         model: nn.Module | None = None, normalizer: str = "mean"):
+        """This score as a ``torch_pruning.importance.Importance`` (see the module docstring).
+
+        ``normalizer``: how each group's scores are put on one scale (Torch-Pruning's names:
+        ``mean`` (default), ``max``, ``sum``, ``gaussian``, ``standarization``, or ``none``).
+        """
+        return TPImportance(self, batches, example_inputs, model, normalizer=normalizer)
 
 
 class preserved:
@@ -198,28 +205,71 @@ def cross_entropy_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits, y, reduction="sum")
 
 
-def _param_signature(model: nn.Module) -> tuple:
-    return tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
+NORMALIZERS = ("mean", "max", "sum", "gaussian", "standarization", "none")
+
+
+def weights_fingerprint(model: nn.Module) -> tuple:
+    """A content key of the model's parameters and buffers: names, shapes and two float64 sums each.
+
+    Two deep copies of the same weights share it, so a score wrapped for Torch-Pruning is computed
+    once per set of weights however many copies Torch-Pruning's ratio search makes.
+    """
+    key = []
+    with torch.no_grad():
+        for n, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if not torch.is_floating_point(t):
+                key.append((n, tuple(t.shape), int(t.sum())))
+                continue
+            d = t.detach().double()
+            key.append((n, tuple(t.shape), float(d.sum()), float(d.abs().sum())))
+    return tuple(key)
+
+
+def normalize_group(imp: torch.Tensor, normalizer: str) -> torch.Tensor:
+    """Torch-Pruning's per-group normalisation (``GroupMagnitudeImportance._normalize``), by name."""
+    if normalizer == "none":
+        return imp
+    if normalizer == "mean":
+        return imp / imp.mean()
+    if normalizer == "max":
+        return imp / imp.max()
+    if normalizer == "sum":
+        return imp / imp.sum()
+    if normalizer == "gaussian":
+        return (imp - imp.mean()) / (imp.std() + 1e-8)
+    return (imp - imp.min()) / (imp.max() - imp.min() + 1e-8)  # "standarization", as Torch-Pruning spells it
 
 
 class TPImportance:
-    """A flowprune :class:`Score` wrapped as a Torch-Pruning ``Importance`` (subclass made lazily)."""
+    """A flowprune :class:`Score` wrapped as a Torch-Pruning ``Importance`` (subclass made lazily).
 
-    def __new__(cls, score: Score, batches, example_inputs, model):
+    ``normalizer`` (default ``"mean"``, Torch-Pruning's own default): each group's scores are divided
+    by their mean (or ``max``/``sum``/``gaussian``/``standarization``/``none``), so that raw scores of
+    different layers are on one scale for ``global_pruning=True``. Scores are cached by the
+    :func:`weights_fingerprint` of the model (the last ``cache_size`` sets of weights).
+    """
+
+    def __new__(cls, score: Score, batches, example_inputs, model, normalizer: str = "mean", cache_size: int = 4):
         import torch_pruning as tp
+
+        if normalizer not in NORMALIZERS:
+            raise bad_choice("normalizer", normalizer, NORMALIZERS)
 
         class _Imp(tp.importance.Importance):
             def __init__(self):
                 self.score, self.batches, self.example_inputs, self.model = score, batches, example_inputs, model
-                self._sig = None
-                self._map: dict[nn.Module, tuple[torch.Tensor, dict[int, int]]] = {}
+                self.normalizer = normalizer
+                self.calls = 0  # how many times the wrapped score actually ran
+                self._cache: dict[tuple, dict[str, tuple[torch.Tensor, dict[int, int]]]] = {}
+                self._names: tuple[int, dict[nn.Module, str]] | None = None
 
-            def _refresh(self, model: nn.Module) -> None:
+            def _scores_by_producer(self, model: nn.Module) -> dict[str, tuple[torch.Tensor, dict[int, int]]]:
                 from flowprune.units import find_units
 
-                sig = (id(model), _param_signature(model))
-                if sig == self._sig:
-                    return
+                key = weights_fingerprint(model)
+                hit = self._cache.get(key)
+                if hit is not None:
+                    return hit
                 x = self.example_inputs
                 if x is None:
                     base = getattr(model, "flowprune_base", None)
@@ -228,28 +278,32 @@ class TPImportance:
                     x = torch.randn(1, *base["input_shape"])
                 units = find_units(model, x)
                 scores = self.score(model, units, self.batches)
-                mods = modules_of(model)
-                self._map = {}
+                self.calls += 1
+                table = {}
                 for u in units:
                     for p in u.producers:
-                        m = mods[p.module_name]
-                        self._map[m] = (scores[u.name], dict(zip(p.idxs.tolist(), p.root_idxs.tolist())))
-                self._sig = sig
+                        table[p.module_name] = (scores[u.name], dict(zip(p.idxs.tolist(), p.root_idxs.tolist())))
+                if len(self._cache) >= cache_size:
+                    self._cache.pop(next(iter(self._cache)))
+                self._cache[key] = table
+                return table
 
             @torch.no_grad()
             def __call__(self, group):
                 model = self.model if self.model is not None else group._DG.model
                 with torch.enable_grad():
-                    self._refresh(model)
-                root = group[0].dep.target.module
-                if root not in self._map:
+                    table = self._scores_by_producer(model)
+                if self._names is None or self._names[0] != id(model):
+                    self._names = (id(model), {m: n for n, m in model.named_modules()})
+                name = self._names[1].get(group[0].dep.target.module)
+                if name not in table:
                     return None
-                s, idx_map = self._map[root]
-                idxs = [int(i) for i in group[0].idxs]
+                s, idx_map = table[name]
                 try:
-                    return torch.stack([s[idx_map[i]] for i in idxs])
+                    imp = torch.stack([s[idx_map[int(i)]] for i in group[0].idxs])
                 except KeyError:
                     return None
+                return normalize_group(imp.float(), self.normalizer)
 
         return _Imp()
 
