@@ -28,18 +28,18 @@ import torch
 
 # name -> (kind, settings). fp: flowprune.prune(...) with these keyword arguments; tp: (method, mode).
 CONFIGS: dict[str, tuple[str, dict]] = {
-    "agf-paper": ("fp", {"method": "agf-paper"}),
-    "agf-layer": ("fp", {"method": "agf", "budget": "layer"}),
-    "agf-global": ("fp", {"method": "agf", "budget": "global", "normalize": "unit"}),
-    "agf-raw-global": ("fp", {"method": "agf", "budget": "global", "score_options": {"feature": "raw"}}),
-    "agf-global-s4": ("fp", {"method": "agf", "budget": "global", "steps": 4}),
-    "agf-global-s8": ("fp", {"method": "agf", "budget": "global", "steps": 8}),
-    "agf-layer-s8": ("fp", {"method": "agf", "budget": "layer", "steps": 8}),
-    "agf-macs": ("fp", {"method": "agf", "budget": "macs"}),
+    "agf-paper": ("fp", {"method": "agf-paper", "budget": "layer"}),
+    "agf-layer": ("fp", {"method": "agf-paper", "budget": "layer"}),
+    "agf-global": ("fp", {"method": "agf-paper", "budget": "global", "normalize": "unit"}),
+    "agf-raw-global": ("fp", {"method": "agf-paper", "budget": "global", "score_options": {"feature": "raw"}}),
+    "agf-global-s4": ("fp", {"method": "agf-paper", "budget": "global", "steps": 4}),
+    "agf-global-s8": ("fp", {"method": "agf-paper", "budget": "global", "steps": 8}),
+    "agf-layer-s8": ("fp", {"method": "agf-paper", "budget": "layer", "steps": 8}),
+    "agf-macs": ("fp", {"method": "agf-paper", "budget": "macs"}),
     "agfc-macs": ("fp", {"method": "agf", "budget": "macs", "score_options": {"center": True}}),
     "agfc-macs-s8": ("fp", {"method": "agf", "budget": "macs", "steps": 8, "score_options": {"center": True}}),
     "taylor-macs-s8": ("fp", {"method": "taylor", "budget": "macs", "steps": 8}),
-    "agf-macs-s8": ("fp", {"method": "agf", "budget": "macs", "steps": 8}),
+    "agf-macs-s8": ("fp", {"method": "agf-paper", "budget": "macs", "steps": 8}),
     "agfc-global": ("fp", {"method": "agf", "budget": "global", "score_options": {"center": True}}),
     "agfc-layer": ("fp", {"method": "agf", "budget": "layer", "score_options": {"center": True}}),
     "agfc-global-s8": ("fp", {"method": "agf", "budget": "global", "steps": 8, "score_options": {"center": True}}),
@@ -61,7 +61,7 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "agfc-as-block": ("fp", {"method": "agf", "budget": "global", "normalize": "block",
                              "score_options": {"center": True, "abs_mode": "after_sum"}}),
     "agfc-sq-macs": ("fp", {"method": "agf", "budget": "macs", "score_options": {"center": True, "abs_mode": "squared"}}),
-    "agf-sq-global": ("fp", {"method": "agf", "budget": "global", "score_options": {"abs_mode": "squared"}}),
+    "agf-sq-global": ("fp", {"method": "agf-paper", "budget": "global", "score_options": {"abs_mode": "squared"}}),
     "agfc-as-global-mc": ("fp", {"method": "agf", "budget": "global", "compensate": True,
                                  "score_options": {"center": True, "abs_mode": "after_sum"}}),
     "agfc-as-layer-mc": ("fp", {"method": "agf", "budget": "layer", "compensate": True,
@@ -97,6 +97,10 @@ GROUPS = {
     "tp-best": [k for k in CONFIGS if k.startswith("tp-")],
     "all": list(CONFIGS),
 }
+# Names: agf-* = the paper's plain reading (agf-paper); agfc = centred (center=True); -as = abs after the
+# per-sample sum; -sq = squared; -layer/-global/-block/-macs = allocation; -sN = N steps with BN
+# re-estimation and re-scoring in between (no training); -auto = steps="auto"; -mc = mean compensation.
+# The library's default is agfc-as-global-mc.
 CALIB_BATCHES, CALIB_BATCH_SIZE = 10, 128
 
 

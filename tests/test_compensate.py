@@ -89,3 +89,17 @@ def test_prune_records_compensation_and_never_mutates(trained_cnn1d_mnist1d, mni
     res = prune(m, mnist1d_data, "agf", target_macs=2.0, calib_batches=2, calib_batch_size=64, compensate=True)
     assert res.history[-1]["compensated"] == ["fc"]  # conv consumers have no bias; the classifier does
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+def test_compare_one_shot_with_compensation_hits_the_target(trained_cnn1d_mnist1d, mnist1d_data):
+    """The compensated model is cut again from the verified plan: the MACs target still holds (3%)."""
+    from flowprune.compare import flowprune_one_shot
+    from flowprune.measure import count_macs_params
+
+    m = trained_cnn1d_mnist1d
+    batches = mnist1d_data.calibration_batches(64, 2, seed=0)
+    pruned, _cuts, info = flowprune_one_shot(m, "agf", 8.0, input_shape=(1, 40), batches=batches)
+    assert info["compensated"] == ["fc"]
+    dense, _ = count_macs_params(m, (1, 40))
+    macs, _ = count_macs_params(pruned, (1, 40))
+    assert abs(dense / macs / 8.0 - 1) <= 0.03
