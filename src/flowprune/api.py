@@ -7,6 +7,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from flowprune.data import DataSplits, make_loader
@@ -19,24 +20,31 @@ from flowprune.train import TrainConfig, fit
 
 def train_model(model: str | nn.Module, data: DataSplits, config: TrainConfig | None = None, *,
                 out_dir: str | os.PathLike | None = None, resume: bool = True, measure_speed: bool = True,
-                progress: bool | None = None, model_kwargs: dict | None = None) -> dict:
+                progress: bool | None = None, model_kwargs: dict | None = None,
+                device: str | torch.device | None = None, amp: str | None = None) -> dict:
     """Build (or take) a model, train it on ``data``, measure it, and save it to ``out_dir``.
 
     Returns the results dict (also written to ``out_dir/results.json``): ``accuracy`` (test),
     ``val_accuracy``, ``macs``, ``params``, ``epochs``, ``seed``, timings, and the history. The
     trained model is under the key ``"model"`` (not written to JSON).
-    """
-    cfg = (config or TrainConfig()).validate()
-    if isinstance(model, str):
-        import torch
 
+    ``device``: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (default: a given model's device; for
+    a model name, CUDA when available); ``amp``: ``none``, ``bf16`` or ``fp16`` (see :func:`fit`).
+    Under torchrun only rank 0 writes ``out_dir``.
+    """
+    from flowprune import distributed
+    from flowprune.device import resolve_device
+
+    cfg = (config or TrainConfig()).validate()
+    dev = resolve_device(device, None if isinstance(model, str) else model)
+    if isinstance(model, str):
         torch.manual_seed(cfg.seed)
         net = build_model(model, data.input_shape, data.num_classes, **(model_kwargs or {}))
         name = model
     else:
         net, name = model, getattr(model, "flowprune_base", {}).get("name", type(model).__name__)
     t0 = time.perf_counter()
-    history = fit(net, data, cfg, checkpoint_dir=out_dir, resume=resume, progress=progress)
+    history = fit(net, data, cfg, checkpoint_dir=out_dir, resume=resume, progress=progress, device=dev, amp=amp)
     train_seconds = time.perf_counter() - t0
     test = make_loader(data.test, 512)
     macs, params = count_macs_params(net, data.input_shape)
@@ -47,7 +55,7 @@ def train_model(model: str | nn.Module, data: DataSplits, config: TrainConfig | 
            "history": history["epochs"]}
     if measure_speed:
         res.update(speed_report(net, data.input_shape))
-    if out_dir is not None:
+    if out_dir is not None and distributed.is_main():
         save(net, out_dir, metadata={"stage": "dense", "data": data.name, "accuracy": res["accuracy"],
                                      "seed": cfg.seed})
         write_results(Path(out_dir) / "results.json", res)

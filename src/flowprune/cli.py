@@ -3,6 +3,12 @@
 A command module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``.
 Bad input prints one line, ``flowprune: error: ...``, and exits with 2; ``--debug`` shows the
 traceback instead.
+
+``--device`` and ``--amp`` (every command) are validated before any work, and the command runs
+inside :func:`flowprune.device.use`. Started by ``torchrun --nproc-per-node N -m flowprune ...``,
+``main`` joins the process group (:mod:`flowprune.distributed`) around the command: rank 0 writes
+``--out`` and prints; every other rank works in a private scratch copy of ``--out`` (so resuming
+behaves the same on every rank) that is removed at the end, with its standard output silenced.
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     common.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     common.add_argument("--no-report", action="store_true", help="do not write OUT/report.html after the command")
+    from flowprune.commands._common import add_runtime_arguments
+
+    add_runtime_arguments(common)  # --device, --amp
     parser = argparse.ArgumentParser(prog="flowprune", parents=[common],
                                      description="Make trained PyTorch networks smaller and faster.")
     parser.add_argument("--version", action="version", version=f"flowprune {__version__}")
@@ -73,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     debug = bool(getattr(args, "debug", False))
+    from flowprune import distributed
+
+    scratch = None
     try:
         if args.threads is not None:
             if args.threads < 1:
@@ -80,14 +92,21 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        rc = int(args._run(args) or 0)
-        if rc == 0 and not getattr(args, "no_report", False):
+        from flowprune.device import check_amp, resolve_device, use
+
+        dev = resolve_device(args.device if args.device is not None else "auto")  # before any work
+        amp = check_amp(args.amp, dev)
+        distributed.init_from_env(dev)
+        scratch = _rank_scratch(args)
+        with use(dev, amp), _quiet_unless_main():
+            rc = int(args._run(args) or 0)
+        if rc == 0 and not getattr(args, "no_report", False) and distributed.is_main():
             _write_report(args)
         return rc
     except FlowpruneError as e:
         if debug:
             raise
-        print(f"flowprune: error: {e}", file=sys.stderr)
+        print(f"flowprune: error{_rank_tag()}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("flowprune: interrupted; run the same command again to resume from the last checkpoint",
@@ -96,8 +115,58 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as e:
         if debug:
             raise
-        print(f"flowprune: error: {e}", file=sys.stderr)
+        print(f"flowprune: error{_rank_tag()}: {e}", file=sys.stderr)
         return 3
+    finally:
+        if scratch is not None:
+            import shutil
+
+            shutil.rmtree(scratch, ignore_errors=True)
+        distributed.shutdown()
+
+
+def _rank_tag() -> str:
+    from flowprune import distributed
+
+    return "" if distributed.is_main() else f" (rank {distributed.rank()})"
+
+
+def _rank_scratch(args: argparse.Namespace) -> str | None:
+    """Under torchrun, ranks other than 0 get a private copy of ``--out`` (returned: the folder to remove).
+
+    The copy is taken before rank 0 writes anything (a barrier), so every rank sees the same
+    earlier run (the same resume decision) and only rank 0 writes into the user's ``--out``.
+    """
+    from pathlib import Path
+
+    from flowprune import distributed
+
+    if not distributed.active():
+        return None
+    tmp = None
+    out = getattr(args, "out", None)
+    if distributed.rank() != 0 and isinstance(out, str) and out:
+        import shutil
+        import tempfile
+
+        tmp = tempfile.mkdtemp(prefix=f"flowprune-rank{distributed.rank()}-")
+        dst = Path(tmp) / "out"
+        if Path(out).is_dir():
+            shutil.copytree(out, dst, symlinks=True)
+        args.out = str(dst)
+    distributed.barrier()
+    return tmp
+
+
+def _quiet_unless_main():
+    import contextlib
+    import os
+
+    from flowprune import distributed
+
+    if distributed.is_main():
+        return contextlib.nullcontext()
+    return contextlib.redirect_stdout(open(os.devnull, "w"))  # noqa: SIM115 - closed at exit
 
 
 if __name__ == "__main__":  # pragma: no cover

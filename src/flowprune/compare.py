@@ -453,7 +453,7 @@ def compare(dense_model: nn.Module | Sequence[nn.Module], data: DataSplits, meth
             plan_options: dict | None = None, score_options: dict | None = None, tp_mode: str = "auto",
             tol: float = 0.03, round_to: int | None = None, measure_speed: bool = True, speed_repeats: int = 20,
             speed_batch: int = 256, out_dir: str | os.PathLike | None = None, resume: bool = True,
-            progress: bool | None = None) -> dict:
+            progress: bool | None = None, device: str | torch.device | None = None) -> dict:
     """Compare pruning methods from one dense model on equal work; returns (and writes) the results.
 
     Args:
@@ -481,6 +481,8 @@ def compare(dense_model: nn.Module | Sequence[nn.Module], data: DataSplits, meth
         measure_speed: latency at batch 1 and throughput at ``speed_batch``, for the first seed
             of every method x target, with the dense model re-measured next to it (speed-up).
         out_dir: writes ``results.json``, ``compare.md`` and one JSON per finished run (resume).
+        device: where every run happens (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``; default: the
+            dense model's device); the dense models are copied there.
 
     Returns:
         ``{"config", "dense", "runs", "summary", "jaccard", "scratch", "table"}``; ``table`` is
@@ -539,7 +541,10 @@ def compare(dense_model: nn.Module | Sequence[nn.Module], data: DataSplits, meth
               "scratch_seeds": s_seeds, "plan_options": plan_options or {}, "score_options": score_options or {},
               "tp_mode": tp_mode, "tol": tol, "round_to": round_to, "data": data.name, "model": base.get("name"),
               "torch_pruning_version": _tp_version()}
-    denses = [copy.deepcopy(m).eval() for m in dense_models]
+    from flowprune.device import resolve_device
+
+    dev = resolve_device(device, dense_models[0])
+    denses = [copy.deepcopy(m).to(dev).eval() for m in dense_models]
     dense = denses[0]
     # reachability of every target, before any work: every unit at its minimum width
     from flowprune.plan import MacsModel, max_reduction

@@ -5,7 +5,9 @@
   and one op per activation output counted (a ``Linear(784, 300)`` is 784*300 + 300 = 235,500
   MACs; a following ReLU adds 300).
 * Latency is the median wall time of one forward at a batch size after warm-up; throughput is
-  samples per second at a batch size, from the median batch time. Timings on a shared machine
+  samples per second at a batch size, from the median batch time. The model's device is
+  synchronised (:func:`flowprune.device.synchronize`) before each clock reading, so GPU timings
+  count the kernels, not just their launch. Timings on a shared machine
   vary: compare models as ratios measured in the same process, and report medians.
 
 None of these functions changes the caller's model: train/eval mode is restored on return.
@@ -64,14 +66,26 @@ def count_macs_params(model: nn.Module, input_shape: Sequence[int] | None = None
 
 @torch.no_grad()
 def accuracy(model: nn.Module, data: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Top-1 accuracy (a fraction in [0, 1]) over a loader or a list of ``(x, y)`` batches."""
+    """Top-1 accuracy (a fraction in [0, 1]) over a loader or a list of ``(x, y)`` batches.
+
+    Under torchrun (:mod:`flowprune.distributed`) the batches are dealt out to the ranks and the
+    counts summed, so every rank gets the same value (and decisions made from it agree).
+    """
+    from flowprune import distributed
+
     correct = total = 0
     dev = _device_of(model)
+    world, rank = distributed.world_size(), distributed.rank()
     with eval_mode(model):
-        for x, y in data:
+        for i, (x, y) in enumerate(data):
+            if i % world != rank:
+                continue
             out = model(x.to(dev))
             correct += int((out.argmax(1).cpu() == y).sum())
             total += int(y.numel())
+    if world > 1:
+        counts = distributed.all_reduce_sum(torch.tensor([correct, total], dtype=torch.float64))
+        correct, total = int(counts[0]), int(counts[1])
     if total == 0:
         raise FlowpruneError("accuracy needs at least one labelled sample; the data given was empty")
     return correct / total
@@ -90,16 +104,19 @@ def predict(model: nn.Module, data: Iterable[tuple[torch.Tensor, torch.Tensor]])
 
 
 def _time_batches(model: nn.Module, x: torch.Tensor, warmup: int, repeats: int) -> list[float]:
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    """Wall times of ``repeats`` forwards; the device is synchronised before every clock reading,
+    so queued (asynchronous) GPU work is counted in the batch that queued it."""
+    from flowprune.device import synchronize
+
     times = []
     with eval_mode(model), torch.inference_mode():
         for _ in range(warmup):
             model(x)
-        sync()
         for _ in range(repeats):
+            synchronize(x.device)
             t0 = time.perf_counter()
             model(x)
-            sync()
+            synchronize(x.device)
             times.append(time.perf_counter() - t0)
     return times
 

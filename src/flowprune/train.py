@@ -6,6 +6,18 @@ at the end of every epoch. Given the same ``checkpoint_dir`` again it resumes fr
 finished epoch and ends with exactly the weights an uninterrupted run would have had: the batch
 order and augmentation of epoch ``e`` depend only on ``(seed, e)``, and the global RNG is re-seeded
 from ``(seed, e)`` at the start of each epoch (dropout).
+
+Devices and precision: ``device=`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``; default the
+model's device, see :func:`flowprune.device.resolve_device`) and ``amp=`` (``none``, ``bf16``,
+``fp16``): the forward and loss run under ``torch.autocast``; ``fp16`` (CUDA only) scales the loss
+with ``torch.amp.GradScaler``. Weights and optimizer state stay float32.
+
+Under ``torchrun`` (:mod:`flowprune.distributed`) the model is trained through
+``DistributedDataParallel``: every rank walks the same global batches and takes its contiguous
+slice of each, and the loss is scaled so that the averaged gradient is that of the global batch's
+mean loss; a step equals the single-process step on the same global batch (BatchNorm statistics
+are per rank, as in any DDP run; the final weights and buffers are rank 0's on every rank). Only
+rank 0 writes the checkpoint.
 """
 
 from __future__ import annotations
@@ -21,8 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flowprune import distributed
 from flowprune.backend import safe_conv_backward
 from flowprune.data import DataSplits, TensorBatchLoader, make_loader
+from flowprune.device import autocast, check_amp, default_amp, resolve_device
 from flowprune.errors import FlowpruneError, bad_choice, check_fraction, check_positive_int
 from flowprune.measure import accuracy
 
@@ -85,7 +99,7 @@ def fit(model: nn.Module, data: DataSplits | TensorBatchLoader, config: TrainCon
         checkpoint_dir: str | os.PathLike | None = None, resume: bool = True, progress: bool | None = None,
         val_data: Iterable | None = None, extra_loss: ExtraLoss | None = None,
         on_epoch_end: EpochCallback | None = None, device: str | torch.device | None = None,
-        max_batches_per_epoch: int | None = None, **overrides) -> dict:
+        max_batches_per_epoch: int | None = None, amp: str | None = None, **overrides) -> dict:
     """Train ``model`` in place and return the history.
 
     Args:
@@ -99,6 +113,10 @@ def fit(model: nn.Module, data: DataSplits | TensorBatchLoader, config: TrainCon
             penalties).
         on_epoch_end: ``f(epoch, model, history) -> stop?``; returning True ends training early.
         max_batches_per_epoch: cap on steps per epoch (short recoveries).
+        device: where to train (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``; default: the
+            model's device); the model is moved there (in place, like the training itself).
+        amp: mixed precision, ``none`` (default; inside :func:`flowprune.device.use`, its ``amp``),
+            ``bf16`` (CUDA or CPU) or ``fp16`` (CUDA).
 
     Returns:
         ``{"config": ..., "epochs": [{"epoch", "loss", "val_accuracy", "lr"}...], "stopped_early": bool}``
@@ -106,7 +124,12 @@ def fit(model: nn.Module, data: DataSplits | TensorBatchLoader, config: TrainCon
     cfg = TrainConfig(**{**asdict(config or TrainConfig()), **overrides}).validate()
     if max_batches_per_epoch is not None:
         check_positive_int("max_batches_per_epoch", max_batches_per_epoch)
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    dev = resolve_device(device, model)
+    amp = check_amp(default_amp() if amp is None else amp, dev)
+    world = distributed.world_size()
+    if world > 1 and cfg.batch_size < world:
+        raise FlowpruneError(f"batch_size {cfg.batch_size} cannot be split over {world} processes; use a batch size "
+                             f">= {world} or start fewer processes")
     model.to(dev)
     if isinstance(data, DataSplits):
         loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=cfg.augment,
@@ -145,15 +168,35 @@ def fit(model: nn.Module, data: DataSplits | TensorBatchLoader, config: TrainCon
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
         tqdm = None
-    with safe_conv_backward(model):
-        _run_epochs(model, loader, cfg, opt, sched, history, start_epoch, steps_per_epoch, dev, show, tqdm,
-                    val_data, extra_loss, on_epoch_end, ckpt_path)
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+    if scaler is not None and ckpt_path is not None and start_epoch > 0:
+        sstate = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("scaler")
+        if sstate:
+            scaler.load_state_dict(sstate)
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # rank 0's weights on every rank (DDP broadcasts them), gradients averaged every step
+        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    show = show and distributed.is_main()
+    try:
+        with safe_conv_backward(model):
+            _run_epochs(model, loader, cfg, opt, sched, history, start_epoch, steps_per_epoch, dev, show, tqdm,
+                        val_data, extra_loss, on_epoch_end, ckpt_path, net=net, amp=amp, scaler=scaler)
+    finally:
+        del net
+    if world > 1:
+        distributed.broadcast_module(model)  # buffers (BN statistics) too: one model on every rank
     model.eval()
     return history
 
 
 def _run_epochs(model, loader, cfg, opt, sched, history, start_epoch, steps_per_epoch, dev, show, tqdm,
-                val_data, extra_loss, on_epoch_end, ckpt_path) -> None:
+                val_data, extra_loss, on_epoch_end, ckpt_path, *, net=None, amp: str = "none",
+                scaler=None) -> None:
+    net = model if net is None else net
+    world = distributed.world_size()
     for epoch in range(start_epoch, cfg.epochs):
         torch.manual_seed(cfg.seed * 1_000_003 + epoch)
         if hasattr(loader, "set_epoch"):
@@ -167,34 +210,57 @@ def _run_epochs(model, loader, cfg, opt, sched, history, start_epoch, steps_per_
         for step, (x, y) in enumerate(it):
             if step >= steps_per_epoch:
                 break
+            n_global = len(y)
+            if world > 1:
+                if n_global < world:  # a last partial batch too small to give every rank a sample
+                    continue
+                sl = distributed.batch_slice(n_global)
+                x, y = x[sl], y[sl]
             x, y = x.to(dev), y.to(dev)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-            if extra_loss is not None:
-                loss = loss + extra_loss(model, x, y, logits)
+            with autocast(dev, amp):
+                logits = net(x)
+                if world > 1:  # sum over my slice / global count, times world: DDP's mean gives the global mean
+                    loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing,
+                                           reduction="sum") * (world / n_global)
+                else:
+                    loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                if extra_loss is not None:
+                    loss = loss + extra_loss(model, x, y, logits)
             if not torch.isfinite(loss.detach()):
                 raise FloatingPointError(f"loss became {float(loss)} at epoch {epoch + 1}, step {step + 1}; "
                                          f"lower the learning rate (lr={cfg.lr}). The last good checkpoint is kept.")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
             sched.step()
-            running += loss.item() * len(y)
+            running += loss.item() * (n_global / world if world > 1 else len(y))
             n_seen += len(y)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{running / n_seen:.3f}")
         if bar is not None:
             bar.close()
+        if world > 1:
+            tot = distributed.all_reduce_sum(torch.tensor([running, n_seen], dtype=torch.float64))
+            running, n_seen = float(tot[0]), int(tot[1])
         rec = {"epoch": epoch + 1, "loss": running / max(n_seen, 1), "lr": opt.param_groups[0]["lr"]}
         if val_data is not None:
             rec["val_accuracy"] = accuracy(model, val_data)
         history["epochs"].append(rec)
         stop = bool(on_epoch_end(epoch + 1, model, history)) if on_epoch_end is not None else False
-        if ckpt_path is not None:
-            _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                          "scheduler": sched.state_dict(), "epoch": epoch + 1, "history": history,
-                          "config": asdict(cfg)}, ckpt_path)
+        stop = distributed.broadcast_object(stop)  # rank 0 decides: every rank stops together
+        if ckpt_path is not None and distributed.is_main():
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                     "scheduler": sched.state_dict(), "epoch": epoch + 1, "history": history,
+                     "config": asdict(cfg)}
+            if scaler is not None:
+                state["scaler"] = scaler.state_dict()
+            _save_atomic(state, ckpt_path)
         if stop:
             history["stopped_early"] = True
             break

@@ -36,7 +36,7 @@ from flowprune.train import TrainConfig
 RUN_STATE_FILE = "flowprune_run.json"
 MAX_THREADS = 1024
 # argparse entries that do not change what a run computes
-NOT_OPTIONS = frozenset({"_run", "debug", "threads", "overwrite", "no_resume", "command", "no_report"})
+NOT_OPTIONS = frozenset({"_run", "debug", "threads", "overwrite", "no_resume", "command", "no_report", "device"})
 # what flowprune commands write into OUT (removed by --overwrite when OUT was not created by the run)
 KNOWN_OUTPUTS = ("results.json", "model.json", "model.safetensors", "model.safetensors.prev", "model.json.tmp",
                  "model.safetensors.tmp", "checkpoint.pt", "checkpoint.pt.tmp", "hyperflows.pt", "hyperflows.pt.tmp",
@@ -82,6 +82,21 @@ def setup_parser(p: argparse.ArgumentParser, *, overwrite: bool = True) -> None:
     if overwrite:
         p.add_argument("--overwrite", action="store_true",
                        help="start fresh in --out even if it holds a run (with other options, or finished)")
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--amp``, on every command (the CLI's common parent parser).
+
+    Both are checked before any work (:func:`flowprune.device.resolve_device`,
+    :func:`flowprune.device.check_amp`); the command then runs inside
+    :func:`flowprune.device.use`, so every library call it makes uses them. ``--device`` does not
+    change what a run computes (a run started on the CPU may be resumed on a GPU); ``--amp`` does.
+    """
+    p.add_argument("--device", default=None, metavar="DEVICE",
+                   help="where to run: auto (default: CUDA when available, else CPU), cpu, cuda, cuda:N or mps")
+    p.add_argument("--amp", default=None, metavar="MODE",
+                   help="mixed precision of training and fine-tuning: none (default), bf16 (CUDA or CPU) or "
+                        "fp16 (CUDA, with loss scaling)")
 
 
 def add_data_arguments(p: argparse.ArgumentParser, default: str = "mnist5k") -> None:
@@ -187,6 +202,8 @@ def run_options(args: argparse.Namespace) -> dict:
     opts = {}
     for k, v in sorted(vars(args).items()):
         if k in NOT_OPTIONS or k.startswith("_") or k == "out":
+            continue
+        if k == "amp" and v in (None, "none"):  # the default: runs recorded before --amp existed still match
             continue
         opts[k] = v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
     return json.loads(json.dumps(opts))
@@ -353,9 +370,13 @@ def load_model_arg(path: str, what: str = "--checkpoint"):
     if not Path(path).exists():
         raise FlowpruneError(f"{what} {path!r} does not exist; pass a directory written by `flowprune train --out DIR`")
     try:
-        return load(path)
+        model = load(path)
     except FlowpruneError as e:
         raise FlowpruneError(f"{what} {path!r}: {e}") from None
+    from flowprune.device import current
+
+    dev = current()  # the command's --device
+    return model.to(dev) if dev is not None else model
 
 
 def check_data_fits_model(model, data: DataSplits, what: str = "model") -> None:

@@ -158,8 +158,12 @@ def _save_atomic(obj: dict, path: Path) -> None:
 def hyperflows_prune(model: nn.Module, data: DataSplits, config: HyperflowsConfig | None = None, *,
                      checkpoint_dir: str | os.PathLike | None = None, resume: bool = True,
                      progress: bool | None = None, law: dict | None = None,
-                     max_batches_per_epoch: int | None = None, **overrides) -> dict:
+                     max_batches_per_epoch: int | None = None, device: str | torch.device | None = None,
+                     **overrides) -> dict:
     """Prune a copy of ``model`` with Hyperflows; the caller's model is not changed.
+
+    ``device``: where the copy is trained (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``; default: the
+    model's device, see :func:`flowprune.device.resolve_device`).
 
     Args:
         model: a trained model (Conv/Linear weights get masks).
@@ -188,10 +192,12 @@ def hyperflows_prune(model: nn.Module, data: DataSplits, config: HyperflowsConfi
     if len(data.train) == 0:
         raise FlowpruneError("the training split is empty; nothing to train on")
 
-    dev = next(model.parameters()).device
+    from flowprune.device import resolve_device
+
+    dev = resolve_device(device, model)
     torch.manual_seed(cfg.seed)
     net = install_masks(model, cfg.layers, init=(cfg.init_low, cfg.init_high), scale=cfg.scale,
-                        include_classifier=cfg.include_classifier, seed=cfg.seed)
+                        include_classifier=cfg.include_classifier, seed=cfg.seed).to(dev)
     logits = mask_logits(net)
     n_masked = sum(p.numel() for p in logits)
     loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=cfg.augment,

@@ -306,6 +306,10 @@ def _load_state(ckpt: Path, cfg: dict) -> dict | None:
 
 def _save_state(ckpt: Path, state: dict, model: nn.Module) -> None:
     from flowprune import io
+    from flowprune.distributed import is_main
+
+    if not is_main():
+        return
 
     io.save(model, ckpt / "model", metadata={"method": "idap", "checkpoint": True})
     tmp = ckpt / (STATE_FILE + ".tmp")
@@ -321,7 +325,8 @@ def idap(model: nn.Module, data: DataSplits, *, stages: Sequence[int] | int = (1
          recover_batches: int | None = None, stage2_recover_batches: int | None = None, final_epochs: int = 0,
          calib_batches: int = 4, calib_batch_size: int = 64, num_taps: int = 3, lr: float = 1e-3,
          checkpoint_dir: str | os.PathLike | None = None, seed: int = 0, progress: bool | None = False,
-         reference: nn.Module | None = None, max_retries: int = 2, retry_factor: float = 0.5) -> IdapResult:
+         reference: nn.Module | None = None, max_retries: int = 2, retry_factor: float = 0.5,
+         device: str | torch.device | None = None) -> IdapResult:
     """Prune ``model`` with IDAP++ within a budget; the caller's model is never changed.
 
     Args:
@@ -357,6 +362,9 @@ def idap(model: nn.Module, data: DataSplits, *, stages: Sequence[int] | int = (1
             rolled-back model with the fraction times ``retry_factor``, at most this many times in a
             row (0 = stop at the first violation, as in the paper). Every try is one history entry.
         retry_factor: the fraction multiplier of each retry, in (0, 1) (0.5 = half).
+        device: where the work runs (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``; default: the
+            model's device). Under torchrun scores, recovery and the budget's accuracy are shared by
+            the ranks (:mod:`flowprune.distributed`) and only rank 0 writes ``checkpoint_dir``.
 
     Returns:
         :class:`IdapResult`.
@@ -406,9 +414,12 @@ def idap(model: nn.Module, data: DataSplits, *, stages: Sequence[int] | int = (1
         from flowprune.scores import get_score
 
         get_score(score)  # unknown name -> error before work
+    from flowprune.device import resolve_device
+
+    dev = resolve_device(device, model)
     calib = data.calibration_batches(calib_batch_size, calib_batches, seed=seed, split="train")
-    dense = copy.deepcopy(model).eval()
-    ref = dense if reference is None else copy.deepcopy(reference).eval()
+    dense = copy.deepcopy(model).to(dev).eval()
+    ref = dense if reference is None else copy.deepcopy(reference).to(dev).eval()
     if 2 in st and not find_removable_blocks(dense, calib[:1]):
         raise FlowpruneError(f"the model ({type(model).__name__}) has no removable block for stage 2: no residual "
                              "block with an identity shortcut, no transformer block and no shape-preserving "

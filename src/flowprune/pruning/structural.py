@@ -110,7 +110,8 @@ def prune(model: nn.Module, data, method: str = "agf", *, target_macs: float | s
           score_options: dict | None = None, normalize: str = DEFAULT_NORMALIZE, reestimate_bn: bool = True,
           measure: bool = True, kinds: Sequence[str] = ("channel", "neuron", "head"),
           compensate: bool = DEFAULT_COMPENSATE,
-          on_step: Callable[[dict, nn.Module], None] | None = None) -> PruneResult:
+          on_step: Callable[[dict, nn.Module], None] | None = None,
+          device: str | torch.device | None = None, amp: str | None = None) -> PruneResult:
     """Prune ``model`` by ``method`` to ``target_macs`` (or ``ratio``); returns a :class:`PruneResult`.
 
     The caller's model is never changed. Each step: score on ``calib_batches`` fresh calibration
@@ -136,6 +137,11 @@ def prune(model: nn.Module, data, method: str = "agf", *, target_macs: float | s
         compensate: fold the calibration mean of every removed channel into its consumers' biases
             before the cut (:mod:`flowprune.compensate`; statistics only, no training).
         on_step: ``f(step_record, model)`` called after every step (e.g. for logging).
+        device: where the work runs (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``; default: the
+            model's device); the result lives there. ``amp``: mixed precision of the fine-tuning
+            (``none``, ``bf16``, ``fp16``; see :func:`flowprune.train.fit`). Under torchrun the
+            calibration batches and fine-tuning are shared by the ranks (:mod:`flowprune.distributed`)
+            and only rank 0 writes ``checkpoint_dir``.
     """
     from flowprune.measure import accuracy, count_macs_params
     from flowprune.plan import MacsModel, check_budget_args, max_reduction, parse_target
@@ -168,6 +174,10 @@ def prune(model: nn.Module, data, method: str = "agf", *, target_macs: float | s
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise FlowpruneError(f"{nm} must be an integer >= 0, got {v!r}")
     scorer = get_score(method, **(score_options or {}))
+    from flowprune.device import check_amp, default_amp, resolve_device
+
+    dev = resolve_device(device, model)
+    amp = check_amp(default_amp() if amp is None else amp, dev)
     _check_data(data, model)
     from flowprune.data import DataSplits
 
@@ -178,8 +188,7 @@ def prune(model: nn.Module, data, method: str = "agf", *, target_macs: float | s
         raise FlowpruneError("checkpoint_dir needs a model built by flowprune.build_model (it carries flowprune_base)")
     shape = tuple(data.input_shape) if is_splits else tuple(data[0][0].shape[1:])
     x_ex = torch.randn(1, *shape)
-    work = copy.deepcopy(model).cpu() if next(model.parameters()).device.type == "cpu" else copy.deepcopy(model)
-    dev = next(work.parameters()).device
+    work = copy.deepcopy(model).to(dev)
     units0 = find_units(work, x_ex.to(dev), kinds=kinds)
     if not units0:
         raise FlowpruneError(f"the model has no prunable units of kinds {tuple(kinds)}; nothing to prune")
@@ -285,12 +294,14 @@ def prune(model: nn.Module, data, method: str = "agf", *, target_macs: float | s
         if epochs > 0:
             t0 = time.perf_counter()
             fit(work, data, ft_cfg, epochs=epochs, checkpoint_dir=(ckpt / f"ft_{s + 1}") if ckpt else None,
-                progress=progress)
+                progress=progress, device=dev, amp=amp)
             rec["seconds_finetune"] = time.perf_counter() - t0
             if eval_loader is not None:
                 rec["acc_ft"] = accuracy(work, eval_loader)
         history.append(rec)
-        if ckpt is not None:
+        from flowprune.distributed import is_main
+
+        if ckpt is not None and is_main():
             from flowprune.io import save
 
             save(work, ckpt / f"step_{s + 1}", metadata={"stage": "pruned", "step": s + 1, "method": method,

@@ -125,8 +125,8 @@ def _route_split(cascade, dataset, batch_size: int = 256) -> dict:
     experts, preds = [], []
     for i in range(0, len(y_all), batch_size):
         o = cascade.route(x_all[i:i + batch_size])
-        experts.append(o.expert)
-        preds.append(o.predictions)
+        experts.append(o.expert.cpu())
+        preds.append(o.predictions.cpu())
     e, p = torch.cat(experts), torch.cat(preds)
     cascade.router.reset()
     return {"heavy_usage": float(e.float().mean()), "accuracy": float((p == y_all).float().mean()), "n": len(y_all)}
@@ -147,7 +147,9 @@ def _relative_time(cascade, x: torch.Tensor, thresholds: list[float], routers: l
     """
     import time
 
-    chunks = _chunked(x, batch_size)
+    from flowprune.device import synchronize
+
+    chunks = [c.to(cascade.input_device()) for c in _chunked(x, batch_size)]
     saved = cascade.router
     heavy = cascade.heavy.eval()
     ratios: list[list[float]] = [[] for _ in thresholds]
@@ -156,12 +158,15 @@ def _relative_time(cascade, x: torch.Tensor, thresholds: list[float], routers: l
         for _ in range(rounds):
             for j, (tau, r) in enumerate(zip(thresholds, routers)):
                 cascade.router = r
+                synchronize(chunks[0].device)
                 t0 = time.perf_counter()
                 for c in chunks:
                     heavy(c)
+                synchronize(chunks[0].device)
                 t1 = time.perf_counter()
                 for c in chunks:
                     cascade.route(c, threshold=tau)
+                synchronize(chunks[0].device)
                 t2 = time.perf_counter()
                 ratios[j].append((t2 - t1) / (t1 - t0))
     finally:
@@ -258,6 +263,7 @@ def _evaluate(cascade, data, *, mode: str, target: float, tolerance: float, lear
         fit_outs, cal_outs = val_outs.subset(perm[:n_fit]), val_outs.subset(perm[n_fit:])
         cascade.router = fit_learned_router(fit_outs.light_logits, fit_outs.feats, ~fit_outs.light_correct,
                                             hidden=learned_hidden, seed=seed)
+        cascade.router.to(cascade.input_device())
         learned_info = {"fit_samples": n_fit, "calibration_samples": len(cal_outs),
                         "fit_mistakes": int((~fit_outs.light_correct).sum())}
     kw = {"heavy_budget": target} if mode == "heavy_budget" else {"max_drop": target}
@@ -319,7 +325,8 @@ def route_experts(light: nn.Module, heavy: nn.Module, data, *, router: str = "co
                   router_kwargs: dict | None = None, learned_fraction: float = 0.5, learned_hidden: int = 32,
                   out_dir: str | os.PathLike | None = None, measure: bool = True, sweep: bool = True,
                   diagnostic: bool = True, diagnostic_steps: int = 20, rounds: int = 3, latency_samples: int = 100,
-                  sweep_usages=SWEEP_USAGES, sweep_rounds: int = 1, seed: int = 0) -> RouteResult:
+                  sweep_usages=SWEEP_USAGES, sweep_rounds: int = 1, seed: int = 0,
+                  device: str | torch.device | None = None) -> RouteResult:
     """Put ``light`` and ``heavy`` behind a calibrated router, measure it, and optionally save it.
 
     The experts are copied (never changed). Exactly one of ``heavy_budget`` (fraction of inputs
@@ -339,6 +346,8 @@ def route_experts(light: nn.Module, heavy: nn.Module, data, *, router: str = "co
         diagnostic: the AGF signal-compression diagnostic (trains a fresh heavy copy ``diagnostic_steps`` steps).
         rounds: timing rounds of the speed measurement (medians); ``sweep_rounds`` those of the sweep.
         sweep_usages: the target heavy usages of the sweep (thresholds from val quantiles).
+        device: where the cascade runs (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``; default: the
+            heavy expert's device); the experts are copied there.
 
     Returns:
         :class:`RouteResult` (``.cascade``, ``.calibration``, ``.results``, ``.summary()``).
@@ -356,9 +365,12 @@ def route_experts(light: nn.Module, heavy: nn.Module, data, *, router: str = "co
                              f"{tuple(data.input_shape)}")
     if nc < data.num_classes:
         raise FlowpruneError(f"the experts have {nc} classes but data set {data.name!r} has {data.num_classes}")
+    from flowprune.device import resolve_device
+
+    dev = resolve_device(device, heavy)
     rk = dict(router_kwargs or {})
     r = ConfidenceRouter() if router == "learned" else make_router(router, **rk)
-    cascade = Cascade(copy.deepcopy(light).eval(), copy.deepcopy(heavy).eval(), r, math.inf)
+    cascade = Cascade(copy.deepcopy(light).eval(), copy.deepcopy(heavy).eval(), r, math.inf).to(dev)
     if router == "learned":
         cascade._wants_learned = True
     return _evaluate(cascade, data, mode=mode, target=target, tolerance=tolerance, learned_fraction=learned_fraction,

@@ -74,9 +74,9 @@ def collect_outputs(cascade, dataset, batch_size: int = 512) -> ExpertOutputs:
             for i in range(0, len(y_all), batch_size):
                 x = x_all[i:i + batch_size]
                 lo, f = cascade.light_outputs(x)
-                ll.append(lo.float())
-                ff.append(f.float() if f is not None else None)
-                hl.append(cascade.heavy(x).float())
+                ll.append(lo.float().cpu())
+                ff.append(f.float().cpu() if f is not None else None)
+                hl.append(cascade.heavy(x.to(cascade.input_device())).float().cpu())
     finally:
         cascade.router.needs_features = needs
     feats = torch.cat(ff) if all(f is not None for f in ff) else None

@@ -105,6 +105,12 @@ class _RoutedBase(nn.Module):
     def heavy_part(self, carry: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover
 
+    def input_device(self) -> torch.device:
+        """The device inputs are moved to (the first parameter's; the CPU for a parameter-free model)."""
+        for p in self.parameters():
+            return p.device
+        return torch.device("cpu")
+
     def _check_threshold(self, threshold: float) -> float:
         try:
             t = float(threshold)
@@ -121,6 +127,7 @@ class _RoutedBase(nn.Module):
         ``threshold`` overrides the calibrated one for this call (threshold sweeps).
         """
         thr = self.threshold if threshold is None else self._check_threshold(threshold)
+        x = x.to(self.input_device())
         was_training = self.training
         if was_training:  # routing is inference: BatchNorm must use running statistics
             self.eval()
@@ -147,7 +154,7 @@ class _RoutedBase(nn.Module):
     def light_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Light logits and features, with no routing (calibration and sweeps)."""
         self.eval()
-        logits, feats, _ = self.light_part(x)
+        logits, feats, _ = self.light_part(x.to(self.input_device()))
         return logits, feats
 
 

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
+from flowprune.device import synchronize
 from flowprune.measure import count_macs_params
 
 
@@ -59,8 +60,10 @@ def mac_costs(cascade) -> dict:
 
 
 def _timed(fn, x) -> float:
+    synchronize(x.device)
     t0 = time.perf_counter()
     fn(x)
+    synchronize(x.device)  # queued GPU kernels belong to this call
     return time.perf_counter() - t0
 
 
@@ -89,6 +92,7 @@ def measure_speed(cascade, x: torch.Tensor, *, batch_sizes: Sequence[int] = (64,
     """
     light, heavy = cascade.light.eval(), cascade.heavy.eval()
     cascade.eval()
+    x = x.to(cascade.input_device())
     fns = {"heavy": heavy, "light": light, "routed": lambda z: cascade.route(z)}
     res: dict = {k: {} for k in fns}
     lat_x = x[:latency_samples]
@@ -136,25 +140,31 @@ def profile_overhead(cascade, x: torch.Tensor, *, repeats: int = 20) -> dict:
     """
     cascade.eval()
     light = cascade.light.eval()
+    x = x.to(cascade.input_device())
+
+    def clock() -> float:  # the device's queued work is finished before the clock is read
+        synchronize(x.device)
+        return time.perf_counter()
+
     t: dict[str, list[float]] = {k: [] for k in ("light_plain", "light_part", "router", "gather", "heavy_sub",
                                                  "scatter")}
     thr = cascade.threshold
     for r in range(repeats + 2):
-        t0 = time.perf_counter()
+        t0 = clock()
         light(x)
-        t1 = time.perf_counter()
+        t1 = clock()
         logits, feats, carry = cascade.light_part(x)
-        t2 = time.perf_counter()
+        t2 = clock()
         score = cascade.router(logits, feats)
-        t3 = time.perf_counter()
+        t3 = clock()
         idx = (score > thr).nonzero().squeeze(1)
         sub = carry.index_select(0, idx)
-        t4 = time.perf_counter()
+        t4 = clock()
         h = cascade.heavy_part(sub) if idx.numel() else None
-        t5 = time.perf_counter()
+        t5 = clock()
         if h is not None:
             logits.index_copy_(0, idx, h.to(logits.dtype))
-        t6 = time.perf_counter()
+        t6 = clock()
         if r >= 2:
             for k, v in zip(t, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
                 t[k].append(v)

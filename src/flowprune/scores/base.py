@@ -88,14 +88,35 @@ class Score:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.options.items())})"
 
+    #: how the calibration work is split under torchrun (:mod:`flowprune.distributed`):
+    #: ``"batch_mean"`` (the score is a mean over batches of per-batch terms: ranks' results are
+    #: combined weighted by their batch counts), ``"sample_mean"`` (a mean over samples: weighted by
+    #: sample counts) or ``"replicate"`` (every rank scores every batch). None: by registered name
+    #: (:data:`SHARD_MODES`), else ``"replicate"``.
+    shard: str | None = None
+
+    def shard_mode(self) -> str:
+        """How this score's batches are shared by the ranks of a torchrun job (see :attr:`shard`)."""
+        if not self.needs_data or self.options.get("calibration", "frozen") != "frozen":
+            return "replicate"  # no data, or a trajectory: each batch depends on the steps before it
+        return self.shard or SHARD_MODES.get(self.name, "replicate")
+
     def __call__(self, model: nn.Module, units, batches: Batches | None = None) -> dict[str, torch.Tensor]:
         if self.needs_data and not batches:
             raise FlowpruneError(f"score {self.name!r} needs calibration batches [(x, y), ...]; got none")
         if self.needs_labels and batches:
             check_labels(model, batches)
+        from flowprune import distributed
+
+        units, batches = list(units), list(batches or [])
+        mode = self.shard_mode() if distributed.active() else "replicate"
+        mine = distributed.shard(batches) if mode != "replicate" else batches
         with preserved(model), safe_conv_backward(model):
-            out = self.compute(model, list(units), list(batches or []))
-        return {u.name: out[u.name].detach().float().cpu().reshape(u.size) for u in units}
+            out = self.compute(model, units, mine)
+        out = {u.name: out[u.name].detach().cpu().reshape(u.size) for u in units}
+        if distributed.active():
+            out = _combine_ranks(out, units, mode, mine)
+        return {u.name: out[u.name].float() for u in units}
 
     def compute(self, model: nn.Module, units: list, batches: list) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -108,6 +129,35 @@ class Score:
         ``mean`` (default), ``max``, ``sum``, ``gaussian``, ``standarization``, or ``none``).
         """
         return TPImportance(self, batches, example_inputs, model, normalizer=normalizer)
+
+
+SHARD_MODES = {"agf": "batch_mean", "agf-paper": "batch_mean", "taylor": "batch_mean", "divergence": "sample_mean"}
+
+
+def _combine_ranks(out: dict[str, torch.Tensor], units: list, mode: str, mine: list) -> dict[str, torch.Tensor]:
+    """Every rank's per-unit scores -> the scores on the union of the ranks' batches (see ``Score.shard``).
+
+    A rank's result is a mean over its batches (or samples); it is weighted by that count, summed
+    over the ranks in float64 and divided by the total count. The result is broadcast from rank 0,
+    so every rank holds bit-identical scores and plans the same cuts.
+    """
+    from flowprune import distributed
+
+    flat = torch.cat([out[u.name].double().reshape(-1) for u in units]) if units else torch.zeros(0)
+    if mode != "replicate":
+        if mode == "sample_mean":
+            w = float(sum(int((b[0] if isinstance(b, (tuple, list)) else b).shape[0]) for b in mine))
+        else:
+            w = float(len(mine))
+        flat = distributed.all_reduce_sum(torch.cat([flat * w, torch.tensor([w], dtype=torch.float64)]))
+        flat = flat[:-1] / flat[-1]
+    flat = distributed.broadcast_tensor(flat)
+    res, i = {}, 0
+    for u in units:
+        n = out[u.name].numel()
+        res[u.name] = flat[i:i + n].reshape(out[u.name].shape)
+        i += n
+    return res
 
 
 class preserved:
