@@ -63,6 +63,50 @@ def cut_heads(attn: nn.Module, heads: Sequence[int]) -> None:
     attn.head_dim = d  # unchanged by a head cut, and so is ``scale`` (head_dim ** -0.5 or a custom value)
 
 
+def _dedupe_group(group) -> None:
+    """Drop repeated indices from every item of a Torch-Pruning group, in place.
+
+    When a unit's channels reach a layer along two paths (e.g. GhostNet's concatenation read
+    through an alias and a squeeze-excite mean), Torch-Pruning can list an index twice; its layer
+    pruners then subtract the repeats from ``in_channels``/``out_channels`` and leave the
+    attribute smaller than the weight.
+    """
+    from torch_pruning._helpers import GroupItem
+
+    for k, item in enumerate(list(group.items)):
+        idxs = list(item.idxs)
+        if len(set(idxs)) == len(idxs):
+            continue
+        roots = list(item.root_idxs) if item.root_idxs is not None else [None] * len(idxs)
+        seen, keep_i, keep_r = set(), [], []
+        for i, r in zip(idxs, roots):
+            if i not in seen:
+                seen.add(i)
+                keep_i.append(i)
+                keep_r.append(r)
+        new = GroupItem(dep=item.dep, idxs=keep_i)
+        new.root_idxs = keep_r if item.root_idxs is not None else None
+        group[k] = new
+
+
+def _keep_every_member(unit, lst: list[int]) -> list[int]:
+    """``lst`` minus what would leave a member layer with no channel at all.
+
+    Across a concatenation one unit spans several producers (each owning part of the unit); a
+    cut that takes every channel of one of them would leave a zero-width layer. That member keeps
+    its first unit (the rest of the cut stands), as Torch-Pruning's own pruner refuses such a
+    group.
+    """
+    cut = set(lst)
+    if not cut:
+        return lst
+    for m in list(unit.producers) + list(unit.consumers):
+        owned = set(m.root_idxs.tolist())
+        if owned and owned <= cut and len(owned) < unit.size:
+            cut.discard(min(owned))
+    return sorted(cut)
+
+
 def apply_cuts(model: nn.Module, cuts: Mapping[str, torch.Tensor | Sequence[int]], *,
                example_inputs: torch.Tensor | None = None, units=None) -> nn.Module:
     """A NEW model (deep copy) with the planned units removed.
@@ -107,6 +151,7 @@ def apply_cuts(model: nn.Module, cuts: Mapping[str, torch.Tensor | Sequence[int]
             raise FlowpruneError(f"cut indices for {name!r} must lie in [0, {u.size - 1}], got {lst[0]}..{lst[-1]}")
         if len(lst) >= u.size:
             raise FlowpruneError(f"cut of {name!r} removes all {u.size} units; keep at least one")
+        lst = _keep_every_member(u, lst)
         if lst:
             clean[name] = lst
     for name, lst in clean.items():
@@ -116,6 +161,7 @@ def apply_cuts(model: nn.Module, cuts: Mapping[str, torch.Tensor | Sequence[int]
         pruner = dg.get_pruner_of_module(u.module)
         try:
             group = dg.get_pruning_group(u.module, pruner.prune_out_channels, u.channels(lst))
+            _dedupe_group(group)
             group.prune()
         except Exception as e:  # noqa: BLE001 -- one clear error naming the unit
             raise FlowpruneError(f"Torch-Pruning could not cut unit {name!r} ({type(u.module).__name__}): "

@@ -483,8 +483,9 @@ def _members_from_group(group, dg, mod2name: dict[nn.Module, str]) -> tuple[list
     for item in group:
         dep = item.dep
         m = dep.target.module
-        idxs = torch.as_tensor(list(item.idxs), dtype=torch.long)
-        root = torch.as_tensor(list(item.root_idxs), dtype=torch.long)
+        pairs = dict(zip(list(item.idxs), list(item.root_idxs)))  # an index reached twice counts once
+        idxs = torch.as_tensor(list(pairs), dtype=torch.long)
+        root = torch.as_tensor(list(pairs.values()), dtype=torch.long)
         name = mod2name.get(m) if isinstance(m, nn.Module) else None
         if name is None:
             others.append(m)
@@ -510,7 +511,39 @@ def _is_tp_depthwise(m: nn.Module) -> bool:
     return isinstance(m, nn.modules.conv._ConvNd) and m.groups == m.out_channels and m.out_channels > 1
 
 
-def channel_classes(group, dg, size: int, mod2name: dict) -> tuple[list[list[int]] | None, int, str | None]:
+def graph_ties(group, dg, root: nn.Module, size: int) -> list[tuple[int, int]]:
+    """Pairs of root channels that the graph ties together (cutting one cuts the other).
+
+    Torch-Pruning's full group visits every layer once, so a loop (a depthwise "cheap" branch
+    concatenated back onto its own source, as in GhostNet) is invisible there; a group started
+    from one root channel shows it: the root layer itself is reached at more than one channel.
+    Probed only for groups holding a concatenation / split / slice and a depthwise conv (a loop
+    needs both), at the first and last channel, and then for every channel if either is tied.
+    """
+    import torch_pruning as tp
+
+    kinds = (tp.ops.OPTYPE.CONCAT, tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.SLICE)
+    if size < 2 or not any(getattr(dg.module2node.get(it.dep.target.module), "type", None) in kinds
+                           for it in group):
+        return []
+    if not any(_is_tp_depthwise(it.dep.target.module) for it in group):
+        return []  # a loop back onto the root needs a layer whose input and output channels are one
+    fn = dg.get_pruner_of_module(root).prune_out_channels
+
+    def reached(r: int) -> set[int]:
+        out = set()
+        for it in dg.get_pruning_group(root, fn, [r]):
+            if it.dep.target.module is root and dg.is_out_channel_pruning_fn(it.dep.handler):
+                out.update(int(i) for i in it.idxs)
+        return out
+
+    if all(reached(r) <= {r} for r in {0, size - 1}):
+        return []
+    return [(r, i) for r in range(size) for i in reached(r) if i != r and 0 <= i < size]
+
+
+def channel_classes(group, dg, size: int, mod2name: dict,
+                    ties: Sequence[tuple[int, int]] = ()) -> tuple[list[list[int]] | None, int, str | None]:
     """Group-consistent channel classes of a Torch-Pruning group (grouped convs, GroupNorm).
 
     A grouped convolution with ``G`` groups (not depthwise) can only lose the *same* offsets in
@@ -521,8 +554,11 @@ def channel_classes(group, dg, size: int, mod2name: dict) -> tuple[list[list[int
     offsets and keeps at least one channel while one class is kept (this is Torch-Pruning's
     MetaPruner rule of pruning ``ch_groups``-replicated indices, applied per unit).
 
+    Root channels the graph itself ties (one layer channel reached from two root channels, e.g.
+    GhostNet's depthwise "cheap" half concatenated back onto its source) are one class too.
+
     Returns ``(classes, groups, reason)``: ``classes`` (list of root-channel index lists, in order
-    of their first channel) or None when no member is grouped; ``groups`` the largest group
+    of their first channel) or None when every root channel is its own class; ``groups`` the largest group
     count met; ``reason`` a sentence when the group cannot be cut consistently (a grouped layer
     that reads only part of its channels from this group).
     """
@@ -534,6 +570,31 @@ def channel_classes(group, dg, size: int, mod2name: dict) -> tuple[list[list[int
             i = parent[i]
         return i
 
+    def union(a, b):
+        a, b = find(a), find(b)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+
+    # 1. channels tied by the graph itself: one layer channel reached from two root channels (a
+    #    depthwise "cheap" branch concatenated back onto its source, as in GhostNet) -- cutting one
+    #    root channel cuts the other too, so they are one unit.
+    reached: dict[tuple, int] = {}
+    tied = bool(ties)
+    for a, b in ties:
+        union(a, b)
+    for item in group:
+        key0 = (id(item.dep.target.module), item.dep.handler)
+        for i, r in zip(item.idxs, item.root_idxs):
+            r = int(r)
+            if not 0 <= r < size:
+                continue
+            key = key0 + (int(i),)
+            if key in reached and reached[key] != r:
+                union(reached[key], r)
+                tied = True
+            else:
+                reached.setdefault(key, r)
+    # 2. grouped convolutions and GroupNorms: the same offset in every group
     g_max = 1
     for item in group:
         m = item.dep.target.module
@@ -557,12 +618,10 @@ def channel_classes(group, dg, size: int, mod2name: dict) -> tuple[list[list[int
         for i, r in zip(idxs, roots):
             off = i % w
             if off in first:
-                a, b = find(first[off]), find(r)
-                if a != b:
-                    parent[max(a, b)] = min(a, b)
+                union(first[off], r)
             else:
                 first[off] = r
-    if g_max == 1:
+    if g_max == 1 and not tied:
         return None, 1, None
     classes: dict[int, list[int]] = {}
     for r in range(size):
@@ -704,7 +763,7 @@ def analyse(model: nn.Module, example_inputs: torch.Tensor, *, kinds: Sequence[s
             if root is not tp_root:
                 group = dg.get_pruning_group(root, pruner.prune_out_channels, list(range(size)))
                 producers, norms, consumers, _ = _members_from_group(group, dg, mod2name)
-            classes, n_groups, why = channel_classes(group, dg, size, mod2name)
+            classes, n_groups, why = channel_classes(group, dg, size, mod2name, graph_ties(group, dg, root, size))
             if why is not None:
                 units.unsupported.append(root_name)
                 units.reasons[root_name] = why
