@@ -55,6 +55,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--law", default=None, help="results.json of a sweep: seeds the initial pressure")
     p.add_argument("--updates-per-epoch", type=int, default=4, help="pressure updates per epoch (paper: 1)")
     p.add_argument("--no-correction", action="store_true", help="skip the final global top-k logit correction")
+    p.add_argument("--tolerance", type=float, default=0.005, help="allowed distance of the scheduler's own end point "
+                   "from the target (sparsity, absolute); a larger miss is reported as a warning")
+    p.add_argument("--regrow-mode", default="hold", choices=("hold", "free"),
+                   help="hold: the pressure controller keeps the target during regrowth (default); "
+                   "free: no pressure during regrowth (paper), pruning aims at 0.9 x the target")
+    p.add_argument("--finetune-steps", type=int, default=None, help="weight-training steps after the final "
+                   "correction when it flips weights (default: one epoch; 0: none)")
+    p.add_argument("--target-scope", default="masked", choices=("masked", "all"),
+                   help="the target is a share of the masked weights (default) or of all Conv/Linear weights")
     p.add_argument("--exclude-classifier", action="store_true", help="leave the last Linear layer unmasked")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--gammas", default="0.25,0.5,1,2,4,8,16",
@@ -114,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
                            batch_size=args.batch_size, seed=args.seed, gamma0=args.gamma0,
                            updates_per_epoch=args.updates_per_epoch,
                            final_correction="none" if args.no_correction else "topk",
+                           tolerance=args.tolerance, regrow_mode=args.regrow_mode,
+                           finetune_steps=args.finetune_steps, target_scope=args.target_scope,
                            include_classifier=not args.exclude_classifier, augment=not args.no_augment).validate()
     gammas = _parse_gammas(args.gammas) if args.action == "sweep" else None
     law = None
@@ -124,9 +135,10 @@ def run(args: argparse.Namespace) -> int:
             raise FlowpruneError(f"--law {args.law!r} does not exist; pass the results.json of a sweep")
         from flowprune.io import read_json_file
 
-        law = read_json_file(lp, "sweep results.json").get("fit")
-        if not law or not isinstance(law, dict):
-            raise FlowpruneError(f"--law {args.law!r} holds no fit (the sweep had fewer than two usable points)")
+        law = read_json_file(lp, "sweep results.json")
+        if not isinstance(law, dict) or not isinstance(law.get("fit"), dict):
+            raise FlowpruneError(f"--law {args.law!r} holds no fit (not a sweep's results.json, or the sweep had "
+                                 "fewer than two usable points)")
     check_out_path(args.out)
     data = load_data(args)
     model = _model(args, data, train=False)
@@ -193,12 +205,18 @@ def _work(args, run, out, data, model, cfg, gammas, law) -> int:
     res["test_accuracy"] = res["accuracy"]
     write_results(out / "results.json", res)
     run.finish()
+    sch, cor = res["scheduler"], res["correction"]
     row = {"target": cfg.target_sparsity, "sparsity": res["sparsity"],
-           "before correction": res["correction"]["sparsity_before"], "test acc %": 100 * res["accuracy"],
-           "regrew": res["regrew_total"], "seconds": t.seconds}
+           "scheduler end": sch["sparsity"], "flipped": cor["flipped"],
+           "acc % scheduler": 100 * sch["accuracy"] if sch["accuracy"] is not None else None,
+           "test acc %": 100 * res["accuracy"], "regrew": res["regrew_total"], "seconds": t.seconds}
     if "speed" in res:
         row["dense ms"] = res["speed"]["dense_latency_ms_b1"]
         row["sparse ms"] = res["speed"]["sparse_latency_ms_b1"]
     print(format_table([row], digits=4))
+    if not sch["within_tolerance"]:
+        print(f"WARNING: {sch['warning']}; fine-tuned {cor['finetune_steps']} steps after it")
+    else:
+        print(f"scheduler end point {sch['sparsity']:.4f} is within {sch['tolerance_pp']:.2f} pp of the target")
     print(f"saved to {out}/ (model.safetensors, model.json, sparse/, results.json)")
     return 0

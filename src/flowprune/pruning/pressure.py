@@ -11,8 +11,18 @@ cannot go below ~0.07).
 Controller (the paper gives "raise gamma when above the trajectory, lower it when below, with an
 inertia term", not the exact rule; ours, documented): in log space,
 ``err = ln(remaining / R(e))``, ``v <- inertia * v + gain * err``, ``ln gamma <- ln gamma + v``,
-with gamma clipped to ``[gamma_min, gamma_max]``. ``gain=0.5`` and ``inertia=0.0`` by default
-(see :mod:`flowprune.pruning.hyperflows` for the measurement behind these).
+with the step clipped to ``+-max_log_step`` and gamma to ``[gamma_min, gamma_max]``.
+``gain=0.5`` and ``inertia=0.0`` by default (see :mod:`flowprune.pruning.hyperflows`).
+
+Predictive (closed-loop) mode: the logits integrate the pressure, so weights already on their way
+to zero keep crossing after gamma is lowered, and an error measured on the current remaining
+fraction alone reacts too late (the cause of the overshoot measured before: 99.73 % for a 98 %
+target on ResNet-20/digits). When the caller also passes ``predicted`` (the remaining fraction
+that the logits' current velocities would give at the next update, see
+:func:`flowprune.pruning.hyperflows.predicted_remaining`) and ``horizon`` (the time to that
+update, in epochs), the error is ``ln(predicted / R(e + horizon))``: the controller corrects for
+the pruning already in flight. After the last pruning epoch ``R`` stays at the target, so the
+same controller holds the remaining fraction there during regrowth.
 
 Law: under a constant pressure the final remaining fraction follows ``S(gamma) = c * gamma^(-a)``;
 :func:`fit_power_law` fits it (and the log-quadratic form ``S = c * exp(-(a0 ln g + a1 ln^2 g))``)
@@ -87,6 +97,9 @@ class PressureScheduler:
     gamma_max: float = 1e8
     velocity: float = 0.0
     resolution: int = 1
+    max_log_step: float = 1.0
+    kp: float = 0.0
+    integral: float | None = None
 
     def __post_init__(self):
         if not (isinstance(self.epochs, int) and self.epochs > 0):
@@ -103,15 +116,29 @@ class PressureScheduler:
     def expected(self, e: float) -> float:
         return trajectory(e * self.resolution, self.s0, self.epochs * self.resolution)
 
-    def step(self, e: float, remaining: float) -> float:
-        """Update gamma after (fractional) epoch ``e`` given the measured remaining fraction."""
+    def step(self, e: float, remaining: float, predicted: float | None = None, horizon: float = 0.0) -> float:
+        """Update gamma after (fractional) epoch ``e`` given the measured remaining fraction.
+
+        With ``predicted`` (the remaining fraction expected ``horizon`` epochs from now if the logits
+        keep their current velocities), the error is taken against ``R(e + horizon)`` instead.
+        """
         exp_r = self.expected(e)
-        err = math.log(max(remaining, 1e-12) / exp_r)
+        if predicted is not None:
+            err = math.log(max(predicted, 1e-12) / self.expected(e + horizon))
+        else:
+            err = math.log(max(remaining, 1e-12) / exp_r)
+        if self.integral is None:
+            self.integral = math.log(self.gamma)
         self.velocity = self.inertia * self.velocity + self.gain * err
-        g = math.log(self.gamma) + self.velocity
-        g = min(max(g, math.log(self.gamma_min)), math.log(self.gamma_max))
+        self.velocity = max(-self.max_log_step, min(self.max_log_step, self.velocity))
+        lo, hi = math.log(self.gamma_min), math.log(self.gamma_max)
+        self.integral = min(max(self.integral + self.velocity, lo), hi)
+        g = min(max(self.integral + self.kp * err, lo), hi)
         self.gamma = math.exp(g)
-        self.history.append({"epoch": e, "remaining": remaining, "expected": exp_r, "gamma": self.gamma})
+        rec = {"epoch": e, "remaining": remaining, "expected": exp_r, "gamma": self.gamma}
+        if predicted is not None:
+            rec["predicted"] = predicted
+        self.history.append(rec)
         return self.gamma
 
     def state_dict(self) -> dict:
@@ -120,6 +147,7 @@ class PressureScheduler:
     def load_state_dict(self, state: dict) -> None:
         self.gamma = float(state["gamma"])
         self.velocity = float(state["velocity"])
+        self.integral = state.get("integral")
         self.history = list(state.get("history", []))
 
 
