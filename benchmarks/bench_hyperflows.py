@@ -27,7 +27,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 from flowprune.data import load_dataset, make_loader
 from flowprune.measure import accuracy
@@ -38,7 +37,7 @@ from flowprune.pruning.magnitude_unstructured import (
     gradual_magnitude,
     one_shot_magnitude,
 )
-from flowprune.pruning.masks import install_masks, mask_logits, weight_parameters
+from flowprune.pruning.masks import install_masks
 from flowprune.report import format_table
 from flowprune.sparse import bake, to_sparse_execution
 from flowprune.train import TrainConfig, fit
@@ -114,46 +113,18 @@ def part_b(data, gammas, epochs, seed=0):
     return rows, sw
 
 
-def _step_times(net, opts, x, y, logits, rounds):
-    out = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        loss = F.cross_entropy(net(x), y, label_smoothing=0.1)
-        if logits:
-            loss = loss + sum(p.sum() for p in logits) / sum(p.numel() for p in logits)
-        for o in opts:
-            o.zero_grad(set_to_none=True)
-        loss.backward()
-        for o in opts:
-            o.step()
-        out.append(time.perf_counter() - t)
-    return out
-
-
 def part_c(rounds: int):
+    """Mask overhead via :mod:`benchmarks.bench_mask_overhead` (dense vs fused vs legacy, interleaved)."""
+    from benchmarks.bench_mask_overhead import measure
+
     rows = []
     for name, batch in (("lenet300", 128), ("resnet20", 32)):
-        torch.manual_seed(0)
-        dense = build_model(name, (1, 28, 28), 10)
-        masked = install_masks(dense)
-        x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
-        o_d = [torch.optim.SGD(dense.parameters(), lr=0.01, momentum=0.9)]
-        o_m = [torch.optim.SGD(weight_parameters(masked), lr=0.01, momentum=0.9),
-               torch.optim.Adam(mask_logits(masked), lr=1e-3)]
-        td, tm = [], []
-        _step_times(dense, o_d, x, y, None, 2)
-        _step_times(masked, o_m, x, y, mask_logits(masked), 2)
-        for _ in range(rounds):  # interleaved
-            td += _step_times(dense, o_d, x, y, None, 3)
-            tm += _step_times(masked, o_m, x, y, mask_logits(masked), 3)
-        pbytes = sum(p.numel() * p.element_size() for p in dense.parameters())
-        lbytes = sum(p.numel() * p.element_size() for p in mask_logits(masked))
-        rows.append({"model": name, "batch": batch, "dense step ms": f"{1e3 * statistics.median(td):.1f}",
-                     "masked step ms": f"{1e3 * statistics.median(tm):.1f}",
-                     "overhead x": f"{statistics.median(tm) / statistics.median(td):.2f}",
-                     "params MB": f"{pbytes / 1e6:.2f}",
-                     "params+logits / params": f"{(pbytes + lbytes) / pbytes:.2f}",
-                     "+ logits' Adam state / params": f"{(pbytes + 3 * lbytes) / pbytes:.2f}"})
+        r = measure(name, batch, rounds, 10 if name == "lenet300" else 3)
+        rows.append({"model": name, "batch": batch, "dense step ms": f"{r['dense_ms']:.1f}",
+                     "masked step ms": f"{r['fused_ms']:.1f}", "overhead x": f"{r['fused_overhead']:.2f}",
+                     "legacy overhead x": f"{r['legacy_overhead']:.2f}", "params MB": f"{r['params_mb']:.2f}",
+                     "params+logits / params": f"{1 + r['logits_over_params']:.2f}",
+                     "+ logits' Adam state / params": f"{1 + 3 * r['logits_over_params']:.2f}"})
     return rows
 
 
