@@ -60,6 +60,10 @@ NUM_CLASSES = 10
 
 # ----------------------------------------------------------------------------------------- one model
 
+class _Skip(Exception):
+    """The other half of a split run."""
+
+
 def _count(model, x):
     import torch
     import torch_pruning as tp
@@ -136,7 +140,7 @@ def _output_layers(model):
             or (isinstance(m, nn.modules.conv._ConvNd) and m.out_channels == NUM_CLASSES)]
 
 
-def run_one(suite: str, name: str, size: int | None, threads: int, roundtrip: bool) -> dict:
+def run_one(suite: str, name: str, size: int | None, threads: int, roundtrip: bool, part: str = "both") -> dict:
     import copy
 
     import torch
@@ -159,8 +163,11 @@ def run_one(suite: str, name: str, size: int | None, threads: int, roundtrip: bo
 
     # ---- flowprune
     fpr: dict = {}
-    rec["flowprune"] = fpr
+    if part in ("both", "fp"):
+        rec["flowprune"] = fpr
     try:
+        if part not in ("both", "fp"):
+            raise _Skip
         t0 = time.perf_counter()
         units = find_units(model, x)
         fpr["graph_s"] = round(time.perf_counter() - t0, 2)
@@ -190,14 +197,19 @@ def run_one(suite: str, name: str, size: int | None, threads: int, roundtrip: bo
             except Exception as e:  # noqa: BLE001 -- recorded apart from the cut
                 fpr["roundtrip"] = False
                 fpr["roundtrip_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    except _Skip:
+        pass
     except Exception as e:  # noqa: BLE001 -- recorded per model
         fpr["ok"] = False
         fpr["error"] = f"{type(e).__name__}: {str(e)[:300]}"
 
     # ---- Torch-Pruning's own pruner
     tpr: dict = {}
-    rec["tp"] = tpr
+    if part in ("both", "tp"):
+        rec["tp"] = tpr
     try:
+        if part not in ("both", "tp"):
+            raise _Skip
         import torch_pruning as tp
 
         m2 = copy.deepcopy(model)
@@ -211,6 +223,8 @@ def run_one(suite: str, name: str, size: int | None, threads: int, roundtrip: bo
         with torch.no_grad():
             y = _first(m2.eval()(x2))
         tpr["ok"] = bool(torch.isfinite(y).all()) and tpr["params"] < rec["params"]
+    except _Skip:
+        pass
     except Exception as e:  # noqa: BLE001
         tpr["ok"] = False
         tpr["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -241,7 +255,7 @@ def _child(args) -> None:
 
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
-    rec = run_one(args.suite, args.one, args.size, args.threads, not args.no_roundtrip)
+    rec = run_one(args.suite, args.one, args.size, args.threads, not args.no_roundtrip, args.part)
     print("RESULT " + json.dumps(rec), flush=True)
 
 
@@ -331,6 +345,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--note", default="", help="what else ran on the machine")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--part", choices=["both", "fp", "tp"], default="both", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
         _child(args)
@@ -350,23 +365,25 @@ def main(argv=None) -> None:
     done = {(r["suite"], r["model"]): r for r in old.get("records", [])}
     for i, (s, n) in enumerate(todo):
         t0 = time.time()
-        cmd = [sys.executable, "-m", "benchmarks.bench_coverage", "--suite", s, "--one", n,
-               "--threads", str(args.threads)] + (["--size", str(args.size)] if args.size else []) + \
-              (["--no-roundtrip"] if args.no_roundtrip else [])
-        try:
-            res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout,
-                                 env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
-            if line:
-                rec = json.loads(line[-1][7:])
-            else:
-                tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no output"]
-                rec = {"suite": s, "model": n, "error": f"crashed (rc {res.returncode}): {tail[0][:200]}",
-                       "flowprune": {"ok": False}, "tp": {"ok": False}}
-        except subprocess.TimeoutExpired:
-            rec = {"suite": s, "model": n, "error": f"timeout after {args.timeout} s",
-                   "flowprune": {"ok": False, "error": f"timeout after {args.timeout} s"},
-                   "tp": {"ok": False, "error": f"timeout after {args.timeout} s"}}
+        rec: dict = {"suite": s, "model": n}
+        for part, key in (("fp", "flowprune"), ("tp", "tp")):
+            cmd = [sys.executable, "-m", "benchmarks.bench_coverage", "--suite", s, "--one", n, "--part", part,
+                   "--threads", str(args.threads)] + (["--size", str(args.size)] if args.size else []) + \
+                  (["--no-roundtrip"] if args.no_roundtrip else [])
+            try:
+                res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout,
+                                     env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
+                if line:
+                    got = json.loads(line[-1][7:])
+                    for k, v in got.items():
+                        if k not in ("flowprune", "tp") or k == key:
+                            rec[k] = v
+                else:
+                    tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no output"]
+                    rec[key] = {"ok": False, "error": f"crashed (rc {res.returncode}): {tail[0][:200]}"}
+            except subprocess.TimeoutExpired:
+                rec[key] = {"ok": False, "error": f"timeout after {args.timeout} s"}
         rec["seconds"] = round(time.time() - t0, 1)
         done[(s, n)] = rec
         f, t = rec.get("flowprune", {}), rec.get("tp", {})

@@ -35,15 +35,10 @@ timm = pytest.importorskip("timm")
 TV_SIZES = {"vit_b_16": 224, "vit_b_32": 224, "vit_l_16": 224, "vit_l_32": 224, "maxvit_t": 224,
             "inception_v3": 299}
 TV_BIG = {"regnet_y_128gf", "vit_h_14", "vit_l_16", "vit_l_32"}  # > 200 M parameters
-# Known limits (reported, not silently skipped): the test asserts the clear error.
-TV_UNSUPPORTED = {
-    n: "channel shuffle" for n in ("shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x1_5",
-                                   "shufflenet_v2_x2_0")
-}
 # CI: one small model per torchvision family, small inputs (ViT with image_size=64).
 CI_TV = [("resnet18", 64, {}), ("resnext50_32x4d", 32, {}), ("regnet_y_400mf", 64, {}), ("convnext_tiny", 32, {}),
          ("mobilenet_v3_small", 64, {}), ("efficientnet_b0", 32, {}), ("densenet121", 32, {}),
-         ("googlenet", 64, {}), ("squeezenet1_1", 64, {}), ("swin_t", 32, {}),
+         ("googlenet", 64, {}), ("squeezenet1_1", 64, {}), ("swin_t", 32, {}), ("shufflenet_v2_x0_5", 32, {}),
          ("vit_b_32", 32, {"image_size": 32})]
 CI_TIMM = [("resnet10t", 64), ("regnetx_002", 64), ("mobilenetv3_small_050", 64), ("ghostnet_050", 64),
            ("convnext_atto", 64), ("vit_tiny_patch16_224", 32)]
@@ -151,10 +146,17 @@ def test_regnet_roundtrip(tmp_path):
     prune_and_check(model, 32, tmp_path)
 
 
-def test_shufflenet_channel_shuffle_is_one_clear_error():
+def test_shufflenet_channel_shuffle_reported_and_branches_cut():
+    torch.set_num_threads(1)
     model = fp.build_model("tv:shufflenet_v2_x0_5", (3, 32, 32), 10)
-    with pytest.raises(fp.FlowpruneError, match="cannot trace ShuffleNetV2"):
-        find_units(model, torch.randn(1, 3, 32, 32))
+    units = find_units(model, torch.randn(1, 3, 32, 32))
+    assert "<shuffle>" in units.unsupported and "channel shuffle" in units.reasons["<shuffle>"]
+    names = {u.name for u in units}
+    assert "stage2.0.branch2.0" in names  # inside a branch: cut
+    assert not hasattr(model, "_flowprune_shuffle_barrier")  # the trace-time barrier is gone
+    import torchvision.models.shufflenetv2 as sv2
+
+    assert sv2.channel_shuffle.__name__ == "channel_shuffle"  # and the function restored
 
 
 # ----------------------------------------------------------------------------------------- full sweep
@@ -165,10 +167,6 @@ def test_torchvision_registry_sweep(name, tmp_path):
     torch.set_num_threads(1)
     size = TV_SIZES.get(name, 64)
     model = fp.build_model(f"tv:{name}", (3, size, size), 10)
-    if name in TV_UNSUPPORTED:
-        with pytest.raises(fp.FlowpruneError):
-            find_units(model, torch.randn(1, 3, size, size))
-        return
     prune_and_check(model, size, tmp_path, roundtrip=_io_names_ok(model))
 
 

@@ -14,7 +14,14 @@ relative-position table) is made **opaque** while tracing:
   module's internals (window partitions, rolls, functional linears): faster, and nothing inside
   it can be mistaken for a channel-preserving operation.
 
-Nothing here changes a model: hooks are removed when the trace ends.
+Functional channel permutations Torch-Pruning cannot map (torchvision ShuffleNet-v2's
+``channel_shuffle``: a view/transpose/view that makes its reshape mapping divide by zero) are
+made opaque the same way while tracing (:func:`barriers_while_tracing`): the function is wrapped
+so its result reaches the graph through a :class:`ShuffleBarrier` node. Groups through a
+shuffle are left intact (reported as ``<shuffle>``); the channels inside each branch are cut.
+
+Nothing here changes a model for good: hooks, wrappers and the barrier module are removed when
+the trace ends.
 """
 
 from __future__ import annotations
@@ -48,10 +55,10 @@ class OpaquePruner(_tp_base()):
                              "it is left intact (see units.reasons)")
 
     def get_out_channels(self, layer: nn.Module):
-        return None
+        return getattr(layer, "seen_out_channels", None)  # known for a ShuffleBarrier, else unknown
 
     def get_in_channels(self, layer: nn.Module):
-        return None
+        return getattr(layer, "seen_in_channels", None)
 
 
 class _Opaque(torch.autograd.Function):
@@ -110,3 +117,69 @@ def opaque_while_tracing(model: nn.Module, types: Iterable[type]):
     finally:
         for h in handles:
             h.remove()
+
+
+class ShuffleBarrier(nn.Module):
+    """Stands for a channel permutation during a trace: one opaque node from input to output."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.seen_in_channels, self.seen_out_channels = int(x.shape[1]), int(y.shape[1])
+        return _Opaque.apply(y.detach(), x)
+
+
+BARRIER_NAME = "_flowprune_shuffle_barrier"
+
+
+def _shuffle_functions():
+    """(module, attribute) of the channel-shuffle functions known to be untraceable."""
+    out = []
+    try:
+        import torchvision.models.shufflenetv2 as sv2
+
+        out.append((sv2, "channel_shuffle"))
+    except ImportError:  # pragma: no cover -- torchvision is optional
+        pass
+    return out
+
+
+def uses_channel_shuffle(model: nn.Module) -> bool:
+    try:
+        from torchvision.models.shufflenetv2 import InvertedResidual
+    except ImportError:  # pragma: no cover
+        return False
+    return any(isinstance(m, InvertedResidual) for m in model.modules())
+
+
+@contextlib.contextmanager
+def barriers_while_tracing(model: nn.Module):
+    """Within the block, channel shuffles reach autograd through one :class:`ShuffleBarrier`.
+
+    The barrier is attached to ``model`` as ``_flowprune_shuffle_barrier`` (so Torch-Pruning sees
+    it as a module) and removed on exit, with the wrapped functions restored.
+    """
+    if not uses_channel_shuffle(model):
+        yield None
+        return
+    barrier = ShuffleBarrier()
+    patched = []
+    try:
+        setattr(model, BARRIER_NAME, barrier)
+        for mod, attr in _shuffle_functions():
+            orig = getattr(mod, attr)
+
+            def wrapped(x, *args, _orig=orig, **kwargs):
+                return barrier(x, _orig(x, *args, **kwargs))
+
+            setattr(mod, attr, wrapped)
+            patched.append((mod, attr, orig))
+        yield barrier
+    finally:
+        for mod, attr, orig in patched:
+            setattr(mod, attr, orig)
+        if BARRIER_NAME in model._modules:
+            del model._modules[BARRIER_NAME]
+
+
+def is_opaque(dg, module) -> bool:
+    """Whether Torch-Pruning handles ``module`` with :class:`OpaquePruner` in graph ``dg``."""
+    return isinstance(module, nn.Module) and isinstance(dg.get_pruner_of_module(module), OpaquePruner)

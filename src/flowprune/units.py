@@ -399,12 +399,19 @@ def _trace(model: nn.Module, x: torch.Tensor, unwrapped, *, train: bool, opaque:
     import torch_pruning as tp
 
     from flowprune.measure import eval_mode
-    from flowprune.tp_ext import opaque_types, opaque_while_tracing
+    from flowprune.tp_ext import (
+        OpaquePruner,
+        ShuffleBarrier,
+        barriers_while_tracing,
+        opaque_types,
+        opaque_while_tracing,
+    )
 
-    custom = opaque_types(opaque) or None
-    types = tuple(custom or ())
+    custom = opaque_types(opaque)
+    types = tuple(custom)
+    custom[ShuffleBarrier] = OpaquePruner()
     if not train:
-        with eval_mode(model), torch.enable_grad(), opaque_while_tracing(model, types):
+        with eval_mode(model), torch.enable_grad(), opaque_while_tracing(model, types), barriers_while_tracing(model):
             return tp.DependencyGraph().build_dependency(model, example_inputs=x, unwrapped_parameters=unwrapped,
                                                          customized_pruners=custom, verbose=False)
     # train-mode trace (auxiliary heads run only in training): BatchNorm running statistics,
@@ -418,7 +425,8 @@ def _trace(model: nn.Module, x: torch.Tensor, unwrapped, *, train: bool, opaque:
         return m(inp)
 
     try:
-        with torch.random.fork_rng(devices=[]), torch.enable_grad(), opaque_while_tracing(model, types):
+        with torch.random.fork_rng(devices=[]), torch.enable_grad(), opaque_while_tracing(model, types), \
+                barriers_while_tracing(model):
             return tp.DependencyGraph().build_dependency(model, example_inputs=xb, unwrapped_parameters=unwrapped,
                                                          customized_pruners=custom, forward_fn=forward_train,
                                                          verbose=False)
@@ -704,6 +712,11 @@ def analyse(model: nn.Module, example_inputs: torch.Tensor, *, kinds: Sequence[s
     for a in attn_names:
         attn_inner.update({f"{a}.qkv", f"{a}.gate"})
     dg = build_graph(model, example_inputs)
+    from flowprune.tp_ext import is_opaque, uses_channel_shuffle
+
+    if uses_channel_shuffle(model):
+        reasons.setdefault("<shuffle>", "channel shuffle (a view/transpose/view permutation): the channels it "
+                                        "permutes are left intact; the channels inside each branch are cut")
     for n, why in getattr(dg, "flowprune_reasons", {}).items():
         reasons.setdefault(n, why)
     for n in getattr(dg, "flowprune_unreached", []):
@@ -722,7 +735,7 @@ def analyse(model: nn.Module, example_inputs: torch.Tensor, *, kinds: Sequence[s
     units.reasons = reasons
     units.excluded = sorted(excluded)
     order = {n: i for i, n in enumerate(named)}
-    unsupported_mods = {named[n] for n in unsupported}
+    unsupported_mods = {named[n] for n in unsupported if n in named}
     ignored_mods = [named[n] for n in ignored | excluded if n in named]
     if kinds != ("head",):
         for group in dg.get_all_groups(ignored_layers=ignored_mods, root_module_types=(tp.ops.TORCH_CONV,
@@ -738,7 +751,7 @@ def analyse(model: nn.Module, example_inputs: torch.Tensor, *, kinds: Sequence[s
             if any(param_kind(pname.get(id(p), ""), p) != "scale" for p in params):
                 continue  # coupled to a token embedding (transformer residual stream) or an unsupported parameter
             all_mods = {named[m.module_name] for m in producers + norms + consumers}
-            touched_bad = [o for o in others if isinstance(o, nn.Module) and o in unsupported_mods]
+            touched_bad = [o for o in others if isinstance(o, nn.Module) and (o in unsupported_mods or is_opaque(dg, o))]
             if touched_bad or (all_mods & unsupported_mods):
                 continue
             if any(c.module_name in attn_inner or c.module_name.endswith(".proj") and
