@@ -103,7 +103,7 @@ def test_tiny_comparison_table_and_files(dense_cnn, digits1d, tmp_path):
         assert 0.0 <= j["removed"] <= 1.0 and 0.0 < j["chance_removed"] < 1.0
     assert len(res["scratch"]) == 1 and 0.0 <= res["scratch"][0]["acc"] <= 1.0
     table = res["table"]
-    assert ("(!)" in table) == (not all(r["within_tol"] for r in res["runs"]))
+    assert ("x (!)" in table) == (not all(r["within_tol"] for r in res["summary"]))
     for word in ("agf", "l1", "tp-magnitude", "BN %", "FT %", "Δ BN", "Jaccard", "scratch"):
         assert word in table
     saved = json.loads((out / "results.json").read_text())

@@ -74,7 +74,7 @@ DEFAULT_METHODS = ("agf", "l1", "taylor", "wanda", "random", "tp-magnitude", "tp
 STAGES = ("acc_raw", "acc_bn", "acc_ft")
 # the configuration entries that change a finished run (a resumed comparison must agree on these)
 RUN_KEYS = ("finetune_epochs", "finetune_lr", "finetune_batches", "calib_batches", "calib_batch_size",
-            "plan_options", "score_options", "tp_mode", "tol", "round_to", "data", "model")
+            "plan_options", "score_options", "tp_mode", "tol", "round_to", "data", "model", "compensate")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,13 +350,15 @@ def flowprune_one_shot(model: nn.Module, method: str, target: float, *, input_sh
     torch.manual_seed(seed)
     scorer = _make_score(method, seed, (score_options or {}).get(method))
     scores = scorer(work, units, list(batches))
-    cuts = plan_cuts(work, units, scores, example_inputs=example, target_macs=target, verify=not compensate, **po)
+    cuts = plan_cuts(work, units, scores, example_inputs=example, target_macs=target, **po)
     compensated = []
     if compensate:
         from flowprune.compensate import compensate_means, consumer_input_means
 
         compensated = compensate_means(work, units, cuts, consumer_input_means(work, units, batches))
-    pruned = cuts.cut_model if cuts.cut_model is not None else apply_cuts(work, cuts, example_inputs=example)
+    # the plan's verified cut copy predates the compensation: cut the compensated model again
+    pruned = cuts.cut_model if cuts.cut_model is not None and not compensated else apply_cuts(work, cuts,
+                                                                                              example_inputs=example)
     pruned.flowprune_base = getattr(model, "flowprune_base", None)
     cuts_json = {k: [int(i) for i in (v.tolist() if hasattr(v, "tolist") else v)] for k, v in cuts.items()}
     info = {"plan_note": getattr(cuts, "note", ""), "widths": dict(getattr(cuts, "widths", {}) or {}),
@@ -453,7 +455,8 @@ def compare(dense_model: nn.Module | Sequence[nn.Module], data: DataSplits, meth
             plan_options: dict | None = None, score_options: dict | None = None, tp_mode: str = "auto",
             tol: float = 0.03, round_to: int | None = None, measure_speed: bool = True, speed_repeats: int = 20,
             speed_batch: int = 256, out_dir: str | os.PathLike | None = None, resume: bool = True,
-            progress: bool | None = None, device: str | torch.device | None = None) -> dict:
+            progress: bool | None = None, device: str | torch.device | None = None,
+            compensate: bool | None = None) -> dict:
     """Compare pruning methods from one dense model on equal work; returns (and writes) the results.
 
     Args:
@@ -475,7 +478,10 @@ def compare(dense_model: nn.Module | Sequence[nn.Module], data: DataSplits, meth
         scratch_from: the method whose pruned architecture is trained from scratch.
         scratch_targets, scratch_seeds: restrict the (costly) scratch baseline (default: all
             targets, all seeds).
-        plan_options: extra keywords for ``plan_cuts`` (``budget``, ``min_width``, ``round_to``).
+        plan_options: extra keywords for ``plan_cuts`` (``budget``, ``normalize``, ``min_width``,
+            ``round_to``); flowprune methods default to ``flowprune.prune``'s plan (global, unit).
+        compensate: mean compensation before the cut for flowprune methods (default: on, as in
+            ``flowprune.prune``; :mod:`flowprune.compensate`).
         score_options: ``{method: {option: value}}`` for ``get_score``.
         tp_mode, tol, round_to: Torch-Pruning search (see :func:`tp_prune_to_target`).
         measure_speed: latency at batch 1 and throughput at ``speed_batch``, for the first seed
@@ -540,6 +546,7 @@ def compare(dense_model: nn.Module | Sequence[nn.Module], data: DataSplits, meth
               "scratch_from": scratch_from if do_scratch else None, "scratch_targets": s_targets,
               "scratch_seeds": s_seeds, "plan_options": plan_options or {}, "score_options": score_options or {},
               "tp_mode": tp_mode, "tol": tol, "round_to": round_to, "data": data.name, "model": base.get("name"),
+              "compensate": compensate,
               "torch_pruning_version": _tp_version()}
     from flowprune.device import resolve_device
 
@@ -615,7 +622,7 @@ def compare(dense_model: nn.Module | Sequence[nn.Module], data: DataSplits, meth
                 else:
                     pruned, cuts, info = flowprune_one_shot(dense, method, target, input_shape=input_shape,
                                                             batches=calib, seed=seed, plan_options=plan_options,
-                                                            score_options=score_options)
+                                                            score_options=score_options, compensate=compensate)
                 prune_s = time.perf_counter() - t0
                 macs, params = count_macs_params(pruned, input_shape)
                 rec = {"method": method, "target": target, "seed": seed, "macs": macs, "params": params,
@@ -680,7 +687,7 @@ def compare(dense_model: nn.Module | Sequence[nn.Module], data: DataSplits, meth
                     calib = data.calibration_batches(calib_batch_size, calib_batches, seed=seed, split="train")
                     arch, _, _ = flowprune_one_shot(dense, scratch_from, target, input_shape=input_shape, batches=calib,
                                                     seed=seed, plan_options=plan_options,
-                                                    score_options=score_options)
+                                                    score_options=score_options, compensate=compensate)
                 net = reinitialise(arch, seed)
                 t0 = time.perf_counter()
                 fit(net, data, TrainConfig(**{**asdict(dense_cfg), "epochs": s_epochs, "seed": seed}), progress=False)

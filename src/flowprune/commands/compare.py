@@ -40,23 +40,30 @@ HELP = "compare pruning methods (flowprune scores and Torch-Pruning's) from one 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     setup_parser(p)
     src = p.add_argument_group("dense model")
-    src.add_argument("--checkpoint", default=None, help="directory written by `flowprune train --out DIR`")
+    src.add_argument("--checkpoint", default=None,
+                     help="directory written by `flowprune train --out DIR`, or one per seed, comma-separated "
+                          "(seed i prunes dense model i: the spread then covers dense training too)")
     src.add_argument("--model", default=None, help="zoo name to train first when no --checkpoint is given")
     src.add_argument("--epochs", type=int, default=15, help="dense training epochs with --model (default 15); "
                      "also the train-from-scratch budget unless --scratch-epochs is given")
     src.add_argument("--lr", type=float, default=0.05, help="dense training learning rate with --model")
+    src.add_argument("--dense-per-seed", action="store_true",
+                     help="with --model: train one dense model per seed (OUT/dense_s<i>), the fair protocol")
     add_data_arguments(p)
-    p.add_argument("--methods", default="agf,l1,taylor,wanda,random,tp-magnitude,tp-taylor",
-                   help="comma-separated: flowprune scores (agf, taylor, l1, l2, bn_scale, wanda, ria, random) "
-                        "and Torch-Pruning anchors (tp-magnitude, tp-l1, tp-taylor, tp-bn-scale, tp-random)")
+    p.add_argument("--methods", default="agf,agf-paper,l2,taylor,random,tp-magnitude-uniform,tp-magnitude-global,"
+                   "tp-taylor-global",
+                   help="comma-separated: flowprune scores (agf = the default, agf-paper, taylor, l1, l2, bn_scale, "
+                        "wanda, ria, random) and Torch-Pruning anchors (tp-magnitude, tp-l1, tp-taylor, tp-bn-scale, "
+                        "tp-random; add -uniform or -global to fix Torch-Pruning's ranking mode)")
     p.add_argument("--targets", default="2x,4x,8x,16x", help="MACs reductions, comma-separated (default 2x,4x,8x,16x)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1) per method x target (default 3)")
     p.add_argument("--finetune-epochs", type=int, default=1, help="fine-tune epochs after the cut, every method")
     p.add_argument("--finetune-lr", type=float, default=0.01)
     p.add_argument("--finetune-batches", type=int, default=None, help="cap on steps per fine-tune epoch")
     p.add_argument("--calib-batches", type=int, default=10, help="calibration batches T (default 10)")
-    p.add_argument("--calib-batch-size", type=int, default=64)
-    p.add_argument("--budget", default=None, help="flowprune budget: layer (default) or global")
+    p.add_argument("--calib-batch-size", type=int, default=128)
+    p.add_argument("--budget", default=None, help="flowprune budget: global (default), layer or macs")
+    p.add_argument("--no-compensate", action="store_true", help="flowprune methods: no mean compensation")
     p.add_argument("--tp-mode", default="auto", help="Torch-Pruning ratio: auto (uniform, else global), uniform, global")
     p.add_argument("--scratch-epochs", type=int, default=None,
                    help="train-from-scratch epochs at the AGF architecture (default: the dense budget; 0 = skip)")
@@ -99,20 +106,31 @@ def run(args: argparse.Namespace) -> int:
     TrainConfig(lr=args.finetune_lr).validate()  # --finetune-lr
     if args.tp_mode not in TP_MODES:
         raise bad_choice("--tp-mode", args.tp_mode, TP_MODES)
-    if args.budget is not None and args.budget not in ("layer", "global"):
-        raise bad_choice("--budget", args.budget, ("layer", "global"))
+    from flowprune.plan import BUDGETS
+
+    if args.budget is not None and args.budget not in BUDGETS:
+        raise bad_choice("--budget", args.budget, BUDGETS)
     check_out_path(args.out)
     data = load_data(args)
     dense_epochs = args.epochs
     dense_cfg = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed).validate()
     model = None
     if args.checkpoint is not None:
-        model = load_model_arg(args.checkpoint)
-        if args.model is not None and args.model != model.flowprune_base["name"]:
-            raise FlowpruneError(f"--model {args.model!r} does not match the checkpoint's model "
-                                 f"{model.flowprune_base['name']!r}")
-        dense_epochs = _dense_budget(args.checkpoint) or args.epochs
-        check_data_fits_model(model, data, "the dense model")
+        dirs = [d.strip() for d in args.checkpoint.split(",") if d.strip()]
+        if len(dirs) > 1 and len(dirs) != args.seeds:
+            raise FlowpruneError(f"--checkpoint lists {len(dirs)} models but --seeds is {args.seeds}; give one "
+                                 "dense model per seed, or one for all")
+        models = [load_model_arg(d) for d in dirs]
+        for m in models:
+            if args.model is not None and args.model != m.flowprune_base["name"]:
+                raise FlowpruneError(f"--model {args.model!r} does not match the checkpoint's model "
+                                     f"{m.flowprune_base['name']!r}")
+            check_data_fits_model(m, data, "the dense model")
+        if len({m.flowprune_base["name"] for m in models}) > 1:
+            raise FlowpruneError("the --checkpoint models are of different architectures; give one model per seed "
+                                 "of the same architecture")
+        model = models if len(models) > 1 else models[0]
+        dense_epochs = _dense_budget(dirs[0]) or args.epochs
     else:
         from flowprune.models import build_model
 
@@ -133,12 +151,19 @@ def _work(args, run, out, data, model, dense_epochs, dense_cfg, methods, targets
     from flowprune.train import TrainConfig
 
     if model is None:
+        from dataclasses import replace
+
         from flowprune.api import train_model
 
-        res = train_model(args.model, data, dense_cfg, out_dir=out / "dense", measure_speed=False)
-        model = res["model"]
-        print(f"dense {args.model}: test accuracy {100 * res['accuracy']:.1f} % (saved to {out / 'dense'})")
-    check_data_fits_model(model, data, "the dense model")
+        seeds = range(args.seeds) if args.dense_per_seed else [None]
+        model = []
+        for s in seeds:
+            d = out / ("dense" if s is None else f"dense_s{s}")
+            cfg = dense_cfg if s is None else replace(dense_cfg, seed=s)
+            res = train_model(args.model, data, cfg, out_dir=d, measure_speed=False)
+            model.append(res["model"])
+            print(f"dense {args.model}: test accuracy {100 * res['accuracy']:.1f} % (saved to {d})")
+        model = model if len(model) > 1 else model[0]
     plan_options = {"budget": args.budget} if args.budget else None
     with Timer() as t:
         res = compare(model, data, methods, targets, args.seeds, finetune_epochs=args.finetune_epochs,
@@ -147,7 +172,7 @@ def _work(args, run, out, data, model, dense_epochs, dense_cfg, methods, targets
                       dense_config=TrainConfig(epochs=dense_epochs, lr=args.lr, seed=args.seed),
                       scratch_epochs=args.scratch_epochs, scratch_seeds=args.scratch_seeds,
                       plan_options=plan_options, tp_mode=args.tp_mode, measure_speed=not args.no_speed,
-                      out_dir=out)
+                      out_dir=out, compensate=not args.no_compensate)
     run.finish()
     print(res["table"])
     print(f"\n{t.seconds:.0f} s; wrote {out / 'results.json'} and {out / 'compare.md'}")

@@ -104,7 +104,7 @@ def _eval_loader(data):
 
 def prune(model: nn.Module, data, method: str = "agf", *, target_macs: float | str | None = None,
           ratio: float | None = None, steps: int | str = 1, schedule: str = "geometric", budget: str | None = None,
-          calib_batches: int = 10, calib_batch_size: int = 64, finetune_epochs: int = 0,
+          calib_batches: int = 10, calib_batch_size: int = 128, finetune_epochs: int = 0,
           final_finetune_epochs: int = 0, finetune_config=None, min_width: int = 1, round_to: int = 1,
           seed: int = 0, checkpoint_dir: str | os.PathLike | None = None, progress: bool | None = None,
           score_options: dict | None = None, normalize: str = DEFAULT_NORMALIZE, reestimate_bn: bool = True,
