@@ -170,13 +170,127 @@ def part_d(sparsities, lat_reps: int, rounds: int, lenet=None):
     return rows, crossover
 
 
+OLD_CONTROLLER = {"kp": 0.0, "gain": 0.5, "horizon": 0.0, "predictive": False, "brake": 1.0, "hold_boost": 1.0,
+                  "regrow_mode": "free", "prune_aim": 0.9, "finetune_steps": 0}
+
+
+def _hf_row(r: dict) -> dict:
+    s, c = r["scheduler"], r["correction"]
+    return {"sched_sparsity": s["sparsity"], "error_pp": s["error_pp"], "within": s["within_tolerance"],
+            "acc_sched": s["accuracy"], "flipped": c["flipped"], "switched_on": c["switched_on"],
+            "acc_flip": c.get("accuracy_after_flip"), "acc_final": r["accuracy"], "ft_steps": c["finetune_steps"],
+            "sparsity": r["sparsity"]}
+
+
+def part_t() -> tuple[list[dict], list[dict]]:
+    """The scheduler's own end point, old (integral-only, free regrowth) vs new (PI + prediction + hold)."""
+    import warnings
+
+    cases = (("lenet300", "digits", 3, 6, 2, (0.7, 0.9, 0.98), False),
+             ("lenet300", "mnist5k", 8, 10, 5, (0.9, 0.95, 0.98), True),
+             ("resnet20", "digits", 6, 6, 2, (0.9, 0.98), True))
+    rows, raw = [], []
+    for name, dn, de, pe, re_, targets, aug in cases:
+        d = load_dataset(dn, seed=0)
+        torch.manual_seed(0)
+        m = build_model(name, d.input_shape, d.num_classes)
+        fit(m, d, TrainConfig(epochs=de, lr=0.05, augment=aug, seed=0), progress=False)
+        dense_acc = accuracy(m, make_loader(d.test, 512))
+        for tgt in targets:
+            for label, kw in (("old", OLD_CONTROLLER), ("new", {})):
+                t0 = time.perf_counter()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    r = hyperflows_prune(m, d, target_sparsity=tgt, prune_epochs=pe, regrow_epochs=re_, augment=aug,
+                                         progress=False, **kw)
+                rec = {"model": name, "data": dn, "target": tgt, "controller": label, "dense": dense_acc,
+                       "seconds": time.perf_counter() - t0, **_hf_row(r)}
+                raw.append(rec)
+                rows.append({"model / data (prune+regrow ep.)": f"{name} / {dn} ({pe}+{re_})", "target": f"{tgt:.2f}",
+                             "controller": label, "scheduler end": f"{rec['sched_sparsity']:.4f}",
+                             "error pp": f"{rec['error_pp']:+.2f}", "within 0.5 pp": "yes" if rec["within"] else "NO",
+                             "acc % at scheduler end": f"{100 * rec['acc_sched']:.1f}",
+                             "flipped": rec["flipped"], "FT steps": rec["ft_steps"],
+                             "acc % final": f"{100 * rec['acc_final']:.1f}", "dense acc %": f"{100 * dense_acc:.1f}"})
+                print(f"  T {name}/{dn} {tgt} {label}: end {rec['sched_sparsity']:.4f} acc {rec['acc_final']:.4f}",
+                      file=sys.stderr, flush=True)
+    return rows, raw
+
+
+def part_m(seeds, targets, pe, re_, max_batches, sweep_gammas, sweep_epochs, dense_dir="runs/bench/dense"):
+    """ResNet-20 on mnist5k from the saved 15-epoch dense checkpoints: law sweep, then HF vs GMP vs one-shot."""
+    import warnings
+
+    from flowprune.io import load
+
+    data = load_dataset("mnist5k", seed=0)
+    test = make_loader(data.test, 512)
+    total = pe + re_
+    raw, law_out = [], None
+    for seed in seeds:
+        dense = load(f"{dense_dir}/resnet20_mnist5k_e15_s{seed}")
+        dense_acc = accuracy(dense, test)
+        print(f"[resnet20 seed {seed}] dense {dense_acc:.4f}", file=sys.stderr, flush=True)
+        law = None
+        if sweep_gammas and seed == seeds[0]:
+            t0 = time.perf_counter()
+            sw = pressure_sweep(dense, data, sweep_gammas, HyperflowsConfig(prune_epochs=sweep_epochs, seed=seed),
+                                progress=False, max_batches_per_epoch=max_batches)
+            law_out = {"runs": [{k: r[k] for k in ("gamma", "remaining", "accuracy")} for r in sw["runs"]],
+                       "fit": sw["fit"], "fitted_points": sw["fitted_points"], "model": sw["model"],
+                       "seconds": time.perf_counter() - t0}
+            law = sw if sw["fit"] else None
+            print(f"  law: {sw['fit']}", file=sys.stderr, flush=True)
+        for tgt in targets:
+            rec = {"seed": seed, "target": tgt, "dense": dense_acc}
+            t0 = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                hf = hyperflows_prune(dense, data, HyperflowsConfig(target_sparsity=tgt, prune_epochs=pe,
+                                                                    regrow_epochs=re_, seed=seed),
+                                      progress=False, max_batches_per_epoch=max_batches, law=law)
+            rec.update({"hf_" + k: v for k, v in _hf_row(hf).items()})
+            rec["hf_initial_gamma"] = hf["initial_gamma"]
+            rec["t_hf"] = time.perf_counter() - t0
+            tc = TrainConfig(lr=0.02, label_smoothing=0.1, seed=seed)
+            t0 = time.perf_counter()
+            gm = gradual_magnitude(dense, data, tgt, total, tc, progress=False, max_batches_per_epoch=max_batches)
+            rec.update({"gmp": gm["accuracy"], "gmp_sparsity": gm["sparsity"], "t_gmp": time.perf_counter() - t0})
+            t0 = time.perf_counter()
+            os_ = one_shot_magnitude(dense, data, tgt, total, tc, progress=False, max_batches_per_epoch=max_batches)
+            rec.update({"oneshot": os_["accuracy"], "t_oneshot": time.perf_counter() - t0})
+            raw.append(rec)
+            print(f"  {tgt}: HF {rec['hf_acc_final']:.4f} (sched {rec['hf_sched_sparsity']:.4f}, acc there "
+                  f"{rec['hf_acc_sched']:.4f}, {rec['t_hf']:.0f}s) GMP {rec['gmp']:.4f} ({rec['t_gmp']:.0f}s) "
+                  f"one-shot {rec['oneshot']:.4f} ({rec['t_oneshot']:.0f}s)", file=sys.stderr, flush=True)
+    rows = []
+    for tgt in targets:
+        rs = [r for r in raw if r["target"] == tgt]
+        rows.append({"target": f"{tgt:.2f}", "dense acc %": _ms([r["dense"] for r in rs]),
+                     "Hyperflows acc %": _ms([r["hf_acc_final"] for r in rs]),
+                     "GMP acc %": _ms([r["gmp"] for r in rs]), "one-shot+FT acc %": _ms([r["oneshot"] for r in rs]),
+                     "HF scheduler end": " / ".join(f"{r['hf_sched_sparsity']:.4f}" for r in rs),
+                     "HF acc % at scheduler end": " / ".join(f"{100 * r['hf_acc_sched']:.1f}" for r in rs),
+                     "HF flipped (FT steps)": " / ".join(f"{r['hf_flipped']} ({r['hf_ft_steps']})" for r in rs),
+                     "seeds": len(rs)})
+    return rows, raw, law_out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--resnet", action="store_true", help="also run part A on ResNet-20 (reduced budget)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--parts", default="A,B,C,D", help="comma-separated parts to run (A, B, C, D; R = ResNet-20 "
-                    "part A, also turned on by --resnet)")
+                    "part A on digits, also turned on by --resnet; T = scheduler end points, old vs new controller; "
+                    "M = ResNet-20 on mnist5k from runs/bench/dense checkpoints)")
+    ap.add_argument("--m-seeds", default="0", help="part M: seeds (dense checkpoints s0..s2)")
+    ap.add_argument("--m-targets", default="0.9,0.95,0.98")
+    ap.add_argument("--m-epochs", default="7,3", help="part M: prune,regrow epochs (GMP/one-shot get the sum)")
+    ap.add_argument("--m-batches", type=int, default=20, help="part M: batches per epoch (of 27)")
+    ap.add_argument("--m-gammas", default="0.25,0.5,1,2,4,8", help="part M: law sweep pressures ('' = no sweep)")
+    ap.add_argument("--m-sweep-epochs", type=int, default=3)
+    ap.add_argument("--out", default="runs/bench_hyperflows", help="results.json goes to OUT/results_<parts>.json")
     args = ap.parse_args(argv)
     parts = {p.strip().upper() for p in args.parts.split(",")} | ({"R"} if args.resnet else set())
     torch.set_num_threads(args.threads)
@@ -210,6 +324,42 @@ def main(argv: list[str] | None = None) -> int:
                              "Hyperflows 6 + 2 epochs vs GMP 8 epochs vs one-shot + 8 epochs FT"), ""]
         print(out[-2], "\n", flush=True)
 
+    results: dict = {"command": cmd, "threads": args.threads, "torch": torch.__version__}
+    if "T" in parts:
+        rows_t, raw_t = part_t()
+        results["T"] = raw_t
+        out += [format_table(rows_t, title="T. The scheduler's own end point (before any correction), old controller "
+                             "(integral-only, free regrowth, prune aim 0.9, correction without fine-tune) vs new "
+                             "(PI + in-flight prediction + brake, target held in regrowth, correction + 1 epoch FT); "
+                             "1 seed"), ""]
+        print(out[-2], "\n", flush=True)
+    if "M" in parts:
+        pe_m, re_m = (int(v) for v in args.m_epochs.split(","))
+        m_gammas = [float(g) for g in args.m_gammas.split(",") if g.strip()]
+        rows_m, raw_m, law_m = part_m([int(v) for v in args.m_seeds.split(",")],
+                                      [float(v) for v in args.m_targets.split(",")], pe_m, re_m, args.m_batches,
+                                      m_gammas, args.m_sweep_epochs)
+        results["M"] = {"runs": raw_m, "law": law_m, "prune_epochs": pe_m, "regrow_epochs": re_m,
+                        "batches_per_epoch": args.m_batches}
+        title_m = (f"M. ResNet-20 on mnist5k (dense checkpoints trained 15 epochs), REDUCED: {pe_m} prune + {re_m} "
+                   f"regrow epochs vs GMP / one-shot + FT {pe_m + re_m} epochs, {args.m_batches} of 27 batches per "
+                   f"epoch, seeds {args.m_seeds}")
+        if m_gammas:
+            title_m += "; HF gamma0 seeded by the law below"
+        out += [format_table(rows_m, title=title_m), ""]
+        if law_m is not None:
+            f = law_m["fit"]
+            lt = "law: no fit (fewer than two usable points)"
+            if f:
+                lt = (f"law ({args.m_sweep_epochs} epochs x {args.m_batches} batches per pressure, seed "
+                      f"{args.m_seeds.split(',')[0]}): S = {f['power']['c']:.4g} * gamma^(-{f['power']['a']:.4g}), "
+                      f"R^2 = {f['power']['r2']:.4f} over {law_m['fitted_points']} pressures")
+                if "log_quadratic" in f:
+                    lt += f"; log-quadratic R^2 = {f['log_quadratic']['r2']:.4f}"
+            lt += " | runs: " + ", ".join(f"g={r['gamma']:g}: S={r['remaining']:.4f} acc={100 * r['accuracy']:.1f}"
+                                          for r in law_m["runs"])
+            out += [lt, ""]
+        print("\n".join(out[-4:]), flush=True)
     if "B" in parts:
         out += _part_b_text(data, gammas, sweep_epochs)
     if "C" in parts:
@@ -226,6 +376,15 @@ def main(argv: list[str] | None = None) -> int:
         print(out[-4], "\n", out[-2], flush=True)
     out.append(f"Total wall time: {time.perf_counter() - t_all:.0f} s")
     print("\n".join(out))
+    import json
+    from pathlib import Path
+
+    od = Path(args.out)
+    od.mkdir(parents=True, exist_ok=True)
+    tag = "_".join(sorted(parts))
+    results["text"] = "\n".join(out)
+    (od / f"results_{tag}.json").write_text(json.dumps(results, indent=1, default=str))
+    print(f"saved {od / f'results_{tag}.json'}")
     return 0
 
 

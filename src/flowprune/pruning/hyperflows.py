@@ -29,9 +29,12 @@ hard when the target was reached, with no view of the weights already on their w
 ``ln gamma = I + kp * err``, ``I += gain * err`` (PI, ``kp=2``, ``gain=0.3``), where ``err =
 ln(predicted / R(e + h))`` and ``predicted`` is the remaining fraction the logits' current
 velocities give ``h = horizon`` epochs ahead (``horizon=0.5``): the pruning in flight is counted
-before it lands. While holding the target in regrowth the gains are ``hold_boost`` (6x) larger,
-because near equilibrium the remaining fraction responds weakly to gamma. Measured (LeNet-300-100,
-mnist5k, 10 + 5 epochs): end points within 0.15 pp of 90/95/98 % before any correction.
+before it lands. Errors below the trajectory (too much pruned) are multiplied by ``brake`` (6):
+pruned weights grow back slowly under Adam (their logits sit below zero and their weights decay),
+so over-pruning is far harder to undo than under-pruning. While holding the target in regrowth
+the gains are ``hold_boost`` (6x) larger, because near equilibrium the remaining fraction responds
+weakly to gamma. The scheduler's end points, old and new controller side by side, are measured by
+``python -m benchmarks.bench_hyperflows --parts T`` (see docs/results/hyperflows.md).
 
 Final exact correction (``final_correction="topk"``, the default): one global threshold is
 subtracted from all logits so that exactly ``round(target_remaining * N)`` logits are >= 0 (the
@@ -56,7 +59,9 @@ Choices the paper leaves open, as options with defaults (:class:`HyperflowsConfi
   paper's rule), ``kp=2``, ``gain=0.3``, ``horizon=0.5``, ``hold_boost=6``, ``inertia=0.0``
   (``kp=0, gain=0.5, horizon=0, predictive=False, regrow_mode="free", prune_aim=0.9`` is the
   previous integral-only controller). Gains were picked on LeNet-300-100 (digits 6 + 2 epochs,
-  mnist5k 10 + 5 epochs, targets 0.7-0.98); ``kp=3, gain=0.15`` and ``horizon=1`` were worse.
+  mnist5k 10 + 5 epochs, targets 0.7-0.98) and ResNet-20 (digits, 6 + 2 epochs, 0.9/0.98):
+  ``kp=3, gain=0.15``, ``horizon=1``, ``brake=3`` or ``10`` were worse; a floor on the logits
+  (-0.5 or -1) made no difference.
 * ``gamma0=None`` -> 1.0, or the value a fitted law predicts for the pruning target (``law=``; a
   sweep's results carry the model they were fitted on, and a law from another model is refused).
 * ``target_scope="masked"`` (default): the target is a share of the masked weights; ``"all"``: of
@@ -129,6 +134,7 @@ class HyperflowsConfig:
     kp: float = 2.0
     horizon: float = 0.5
     hold_boost: float = 6.0
+    brake: float = 6.0
     updates_per_epoch: int = 4
     prune_aim: float | None = None
     final_correction: str = "topk"
@@ -352,7 +358,7 @@ def hyperflows_prune(model: nn.Module, data: DataSplits, config: HyperflowsConfi
     sched: PressureScheduler | ConstantPressure
     if cfg.constant_gamma is None:
         sched = PressureScheduler(prune_target, cfg.prune_epochs, gamma=float(gamma0), inertia=cfg.inertia,
-                                  gain=cfg.gain, kp=cfg.kp, resolution=cfg.updates_per_epoch)
+                                  gain=cfg.gain, kp=cfg.kp, brake=cfg.brake, resolution=cfg.updates_per_epoch)
     else:
         sched = ConstantPressure(float(cfg.constant_gamma))
     hold = cfg.regrow_mode == "hold" and cfg.constant_gamma is None

@@ -100,6 +100,7 @@ class PressureScheduler:
     max_log_step: float = 1.0
     kp: float = 0.0
     integral: float | None = None
+    brake: float = 1.0
 
     def __post_init__(self):
         if not (isinstance(self.epochs, int) and self.epochs > 0):
@@ -129,6 +130,8 @@ class PressureScheduler:
             err = math.log(max(remaining, 1e-12) / exp_r)
         if self.integral is None:
             self.integral = math.log(self.gamma)
+        if err < 0:  # below the trajectory: pruned weights come back slowly, so brake harder
+            err *= self.brake
         self.velocity = self.inertia * self.velocity + self.gain * err
         self.velocity = max(-self.max_log_step, min(self.max_log_step, self.velocity))
         lo, hi = math.log(self.gamma_min), math.log(self.gamma_max)
