@@ -147,3 +147,31 @@ def test_every_score_shape_and_determinism(name):
     b = get_score(name)(m, [u], batches)["c1"]
     assert a.shape == (3,) and a.dtype == torch.float32 and torch.isfinite(a).all()
     torch.testing.assert_close(a, b)
+
+
+def test_bad_options_fail_before_any_work(monkeypatch):
+    """An unknown score option, budget or normaliser, or labels that do not fit, are one clear error
+    before any scoring (the score is never called)."""
+    from flowprune.errors import FlowpruneError
+    from flowprune.pruning import structural
+
+    m = ConvBN().eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 2, 3, 3, generator=g), torch.randint(0, 4, (4,), generator=g))]
+    from flowprune.scores.agf import AGF
+
+    called = []
+    monkeypatch.setattr(AGF, "compute", lambda *a, **k: called.append(1))
+    cases = [({"score_options": {"sharpness": 2}}, "unknown option.*sharpness.*allowed"),
+             ({"budget": "greedy"}, "budget.*greedy.*allowed: global, layer, macs"),
+             ({"normalize": "zscore"}, "normalize.*zscore.*unit"),
+             ({"steps": "many"}, "steps.*'many'")]
+    for kw, pattern in cases:
+        with pytest.raises(FlowpruneError, match=pattern):
+            structural.prune(m, batches, "agf", target_macs=2.0, **kw)
+    bad_labels = [(batches[0][0], torch.tensor([0, 1, 2, 9]))]
+    with pytest.raises(FlowpruneError, match=r"labels must lie in \[0, 3\]"):
+        structural.prune(m, bad_labels, "agf", target_macs=2.0)
+    with pytest.raises(FlowpruneError, match="normalizer.*zscore"):
+        get_score("agf").as_tp_importance(batches=batches, example_inputs=torch.randn(1, 2, 3, 3), normalizer="zscore")
+    assert not called
