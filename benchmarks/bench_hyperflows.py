@@ -79,7 +79,9 @@ def part_a(name: str, data, seeds, targets, prune_epochs, regrow_epochs, dense_e
             t_gm = time.perf_counter() - t0
             rec = {"seed": seed, "target": tgt, "dense": dense_acc, "hf": hf["accuracy"], "hf_sparsity": hf["sparsity"],
                    "hf_before": hf["correction"]["sparsity_before"], "hf_regrew": hf["regrew_total"],
-                   "gmp": gm["accuracy"], "gmp_sparsity": gm["sparsity"], "t_hf": t_hf, "t_gmp": t_gm}
+                   "gmp": gm["accuracy"], "gmp_sparsity": gm["sparsity"], "t_hf": t_hf, "t_gmp": t_gm,
+                   "hf_acc_sched": hf["scheduler"]["accuracy"], "hf_flipped": hf["correction"]["flipped"],
+                   "hf_error_pp": hf["scheduler"]["error_pp"], "hf_within": hf["scheduler"]["within_tolerance"]}
             if seed in one_shot_seeds:
                 os_ = one_shot_magnitude(dense, data, tgt, total, TrainConfig(lr=0.02, label_smoothing=0.1, seed=seed),
                                          progress=False, max_batches_per_epoch=max_batches)
@@ -308,8 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     out = [f"`{cmd}` ({datetime.date.today().isoformat()}, torch {torch.__version__}, {args.threads} thread(s), "
            "shared CPU)", ""]
 
+    results: dict = {"command": cmd, "threads": args.threads, "torch": torch.__version__}
     if "A" in parts:
         rows_a, raw_a = part_a("lenet300", data, seeds, targets, pe, re_, de, None, {0})
+        results["A"] = raw_a
         out += [format_table(rows_a, title=f"A. LeNet-300-100 on mnist5k: Hyperflows ({pe} prune + {re_} regrow epochs) "
                          f"vs gradual magnitude (GMP, {pe + re_} epochs) vs one-shot + {pe + re_} epochs FT "
                              "(seed 0 only); test accuracy, mean ± std over seeds"), ""]
@@ -319,12 +323,11 @@ def main(argv: list[str] | None = None) -> int:
         # model alone took minutes and reached 23 % on a 6-batch budget), so the residual-CNN check
         # runs on the 8x8 digits set instead, 1 seed.
         dg = load_dataset("digits", seed=0)
-        rows_r, _ = part_a("resnet20", dg, [0], [0.9, 0.98], 6, 2, 6, None, {0})
+        rows_r, results["R"] = part_a("resnet20", dg, [0], [0.9, 0.98], 6, 2, 6, None, {0})
         out += [format_table(rows_r, title="A'. ResNet-20 on digits (8x8), REDUCED: 1 seed, dense 6 epochs, "
                              "Hyperflows 6 + 2 epochs vs GMP 8 epochs vs one-shot + 8 epochs FT"), ""]
         print(out[-2], "\n", flush=True)
 
-    results: dict = {"command": cmd, "threads": args.threads, "torch": torch.__version__}
     if "T" in parts:
         rows_t, raw_t = part_t()
         results["T"] = raw_t

@@ -286,7 +286,7 @@ def test_magnitude_baselines_hit_sparsity(lenet_digits, digits_data):
     assert [s["sparsity"] for s in g["schedule"]] == sorted(s["sparsity"] for s in g["schedule"])
 
 
-def test_sweep_fit_and_cli(lenet_digits, digits_data, tmp_path):
+def test_sweep_fit_and_cli(lenet_digits, digits_data, tmp_path, capsys):
     from flowprune.cli import main
     from flowprune.io import load, save
 
@@ -313,6 +313,14 @@ def test_sweep_fit_and_cli(lenet_digits, digits_data, tmp_path):
     rc = main(["hyperflows", "sweep", "--checkpoint", str(tmp_path / "dense"), "--data", "digits",
                "--gammas", "1,-1", "--out", str(tmp_path / "bad")])
     assert rc == 2
+    assert res["scheduler"]["sparsity"] == res["correction"]["sparsity_before"]
+    foreign = tmp_path / "law.json"
+    foreign.write_text(json.dumps({"fit": {"power": {"c": 0.05, "a": 1.2}},
+                                   "model": {"name": "resnet20", "masked_weights": 270_000}}))
+    rc = main(["hyperflows", "--checkpoint", str(tmp_path / "dense"), "--data", "digits", "--law", str(foreign),
+               "--out", str(tmp_path / "bad2")])
+    assert rc == 2
+    assert "fitted on another model" in capsys.readouterr().err
 
 
 def test_logit_mask_module_shape():
