@@ -2,7 +2,8 @@
 
 One spawn of 2 worker processes does everything (process start-up dominates the cost): AGF,
 Taylor, divergence and Wanda scores on a ResNet-20 and the cut plan they give, two DDP fine-tune
-steps of an MLP on an odd global batch, and ``flowprune prune`` through the CLI with fine-tuning.
+steps of an MLP on an odd global batch, ``flowprune prune`` through the CLI with fine-tuning, and a
+rank that dies (the other stops with a clear error).
 The parent process computes the same things as one process and compares.
 """
 
@@ -59,7 +60,7 @@ def _fit_step(mlp, data):
     return {k: v.detach().clone() for k, v in mlp.state_dict().items()}
 
 
-def _worker(rank: int, port: int, tmp: str) -> None:
+def _worker(rank: int, port: int, tmp: str, port2: int) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), FLOWPRUNE_DIST_TIMEOUT="60")
     torch.set_num_threads(1)
@@ -77,6 +78,17 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     argv = [a.format(ck=t / "mlp", out=t / "prune2") for a in PRUNE_ARGS]
     res["cli_rc"] = main(argv)  # joins the existing group; its teardown ends it
     torch.save(res, t / f"rank{rank}.pt")
+    # a rank that dies: the other one stops with one clear error instead of hanging
+    os.environ.update(MASTER_PORT=str(port2), FLOWPRUNE_DIST_TIMEOUT="20")
+    assert distributed.init_from_env()
+    if rank == 1:
+        os._exit(0)
+    try:
+        distributed.all_reduce_sum(torch.ones(2))
+        (t / "dead.txt").write_text("no error")
+    except FlowpruneError as e:
+        (t / "dead.txt").write_text(str(e))
+    distributed.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -88,14 +100,16 @@ def runs(tmp_path_factory):
     torch.manual_seed(0)
     save(build_model("lenet300", data.input_shape, 10, hidden=[32, 16]).eval(), tmp / "mlp")
     before = set(Path(tempfile.gettempdir()).glob("flowprune-rank*"))
-    mp.start_processes(_worker, args=(_free_port(), str(tmp)), nprocs=WORLD, start_method="spawn", join=True)
+    mp.start_processes(_worker, args=(_free_port(), str(tmp), _free_port()), nprocs=WORLD, start_method="spawn",
+                       join=True)
     leftovers = set(Path(tempfile.gettempdir()).glob("flowprune-rank*")) - before
     single = _scores_and_plan(load(tmp / "resnet"), data)
     single["fit"] = _fit_step(load(tmp / "mlp"), data)
     argv = [a.format(ck=tmp / "mlp", out=tmp / "prune1") for a in PRUNE_ARGS]
     assert main(argv) == 0
     ranks = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    return {"tmp": tmp, "single": single, "ranks": ranks, "leftovers": leftovers}
+    return {"tmp": tmp, "single": single, "ranks": ranks, "leftovers": leftovers,
+            "dead": (tmp / "dead.txt").read_text()}
 
 
 @pytest.mark.parametrize("name", SCORES)
@@ -143,6 +157,11 @@ def test_cli_under_two_processes_writes_one_set_of_outputs(runs):
     m2, m1 = load(two), load(one)
     for (k, a), (_, b) in zip(m2.state_dict().items(), m1.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_a_dead_rank_stops_the_others_with_a_clear_error(runs):
+    msg = runs["dead"]
+    assert msg.startswith("rank 0: all_reduce failed: another process of the torchrun job stopped"), msg
 
 
 def test_single_process_helpers_are_no_ops():
