@@ -111,3 +111,26 @@ def test_cli_device_cpu_and_bf16_run_and_device_is_not_a_run_option(tmp_path, ca
     # the same run with another --device is the same run (finished: nothing to do)
     assert main(argv + ["--device", "auto", "--amp", "bf16"]) == 0
     assert "already holds this finished run" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("amp", ["fp16", "bf16"])
+def test_cuda_training_with_amp_and_prune_on_the_gpu(digits_data, tmp_path, amp):
+    from flowprune.measure import accuracy, latency
+    from flowprune.pruning.structural import prune
+
+    if amp == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("GPU without bfloat16")
+    m = _mlp(digits_data)
+    hist = fit(m, digits_data, TrainConfig(epochs=3, lr=0.1, batch_size=64, augment=False), progress=False,
+               device="cuda", amp=amp, checkpoint_dir=tmp_path)
+    assert next(m.parameters()).device.type == "cuda" and next(m.parameters()).dtype == torch.float32
+    assert hist["epochs"][-1]["val_accuracy"] > 0.25  # learns (chance: 0.1)
+    state = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert ("scaler" in state) == (amp == "fp16")
+    cpu_model = _mlp(digits_data)
+    res = prune(cpu_model, digits_data, "agf", ratio=0.5, device="cuda", final_finetune_epochs=1, amp=amp)
+    assert next(res.model.parameters()).device.type == "cuda"
+    assert next(cpu_model.parameters()).device.type == "cpu"  # the caller's model is not moved
+    assert 0.0 <= accuracy(res.model, [(digits_data.test.tensors[0], digits_data.test.tensors[1])]) <= 1.0
+    assert latency(res.model, batch_size=4, repeats=3) > 0
