@@ -197,17 +197,6 @@ def barrier() -> None:
         _collective("barrier", lambda: _dist().barrier())
 
 
-def check_same(value, what: str) -> None:
-    """Raise on every rank when ``value`` (picklable, comparable) differs from rank 0's (a desynchronised run)."""
-    if not active():
-        return
-    ref = broadcast_object(value)
-    bad = all_reduce_sum(torch.tensor([0.0 if ref == value else 1.0], dtype=torch.float64))
-    if float(bad[0]) > 0:
-        raise FlowpruneError(f"{what} differs between the ranks of the torchrun job; every rank must run the same "
-                             "command on the same data")
-
-
 def shard(items: list, what: str = "calibration batches") -> list:
     """This rank's share ``items[rank::world]``; FlowpruneError if there are fewer items than ranks."""
     w = world_size()
