@@ -38,9 +38,11 @@ weakly to gamma. The scheduler's end points, old and new controller side by side
 
 Final exact correction (``final_correction="topk"``, the default): one global threshold is
 subtracted from all logits so that exactly ``round(target_remaining * N)`` logits are >= 0 (the
-weights closest to the threshold flip). When it flips any weight, ``finetune_steps`` (default one
-epoch) of weight training with the masks fixed follow, so weights it switched on (which got no
-data gradient while masked) are trained; BN statistics follow the fine-tune. ``results["scheduler"]``
+weights closest to the threshold flip). When the scheduler ended outside the tolerance (the
+correction is really needed), ``finetune_steps`` (default: one epoch) of weight training with the
+masks fixed follow, so weights it switched on (which got no data gradient while masked) are
+trained; BN statistics follow the fine-tune. Inside the tolerance the correction flips a handful
+of weights and only BN statistics are re-estimated (``finetune_steps=N`` forces N steps). ``results["scheduler"]``
 reports the scheduler's own end point, its error against ``tolerance`` (0.5 pp) and the test
 accuracy there; ``results["correction"]`` the weights switched on/off and the accuracy right after
 the flip and after the fine-tune. A miss beyond the tolerance is warned about (and printed by the
@@ -520,7 +522,10 @@ def hyperflows_prune(model: nn.Module, data: DataSplits, config: HyperflowsConfi
         correction["flipped"] = correction["switched_on"] + correction["switched_off"]
         if correction["flipped"]:
             correction["accuracy_after_flip"] = accuracy(net, test) if test is not None else None
-            ft = steps if cfg.finetune_steps is None else cfg.finetune_steps
+            # the fine-tune is for a correction that was needed (scheduler outside the tolerance); a
+            # within-tolerance end point flips a handful of weights and gets only BN re-estimation
+            ft = cfg.finetune_steps if cfg.finetune_steps is not None else (
+                0 if scheduler["within_tolerance"] else steps)
             if ft > 0:
                 _finetune(net, loader, opt_w, ft, cfg, dev, total_epochs, _nan_stop)
                 correction["finetune_steps"] = ft
