@@ -25,6 +25,7 @@ import datetime
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -219,7 +220,8 @@ def part_t() -> tuple[list[dict], list[dict]]:
     return rows, raw
 
 
-def part_m(seeds, targets, pe, re_, max_batches, sweep_gammas, sweep_epochs, dense_dir="runs/bench/dense"):
+def part_m(seeds, targets, pe, re_, max_batches, sweep_gammas, sweep_epochs, dense_dir="runs/bench/dense",
+           saved_law: dict | None = None):
     """ResNet-20 on mnist5k from the saved 15-epoch dense checkpoints: law sweep, then HF vs GMP vs one-shot."""
     import warnings
 
@@ -233,8 +235,8 @@ def part_m(seeds, targets, pe, re_, max_batches, sweep_gammas, sweep_epochs, den
         dense = load(f"{dense_dir}/resnet20_mnist5k_e15_s{seed}")
         dense_acc = accuracy(dense, test)
         print(f"[resnet20 seed {seed}] dense {dense_acc:.4f}", file=sys.stderr, flush=True)
-        law = None
-        if sweep_gammas and seed == seeds[0]:
+        law = saved_law
+        if saved_law is None and sweep_gammas and seed == seeds[0]:
             t0 = time.perf_counter()
             sw = pressure_sweep(dense, data, sweep_gammas, HyperflowsConfig(prune_epochs=sweep_epochs, seed=seed),
                                 progress=False, max_batches_per_epoch=max_batches)
@@ -242,6 +244,7 @@ def part_m(seeds, targets, pe, re_, max_batches, sweep_gammas, sweep_epochs, den
                        "fit": sw["fit"], "fitted_points": sw["fitted_points"], "model": sw["model"],
                        "seconds": time.perf_counter() - t0}
             law = sw if sw["fit"] else None
+            saved_law = law
             print(f"  law: {sw['fit']}", file=sys.stderr, flush=True)
         for tgt in targets:
             rec = {"seed": seed, "target": tgt, "dense": dense_acc}
@@ -292,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--m-batches", type=int, default=20, help="part M: batches per epoch (of 27)")
     ap.add_argument("--m-gammas", default="0.25,0.5,1,2,4,8", help="part M: law sweep pressures ('' = no sweep)")
     ap.add_argument("--m-sweep-epochs", type=int, default=3)
+    ap.add_argument("--m-law", default=None, help="part M: reuse the law of an earlier results_M.json (no sweep)")
     ap.add_argument("--out", default="runs/bench_hyperflows", help="results.json goes to OUT/results_<parts>.json")
     args = ap.parse_args(argv)
     parts = {p.strip().upper() for p in args.parts.split(",")} | ({"R"} if args.resnet else set())
@@ -339,16 +343,21 @@ def main(argv: list[str] | None = None) -> int:
     if "M" in parts:
         pe_m, re_m = (int(v) for v in args.m_epochs.split(","))
         m_gammas = [float(g) for g in args.m_gammas.split(",") if g.strip()]
+        saved = None
+        if args.m_law:
+            import json as _json
+
+            saved = _json.loads(Path(args.m_law).read_text())["M"]["law"]
         rows_m, raw_m, law_m = part_m([int(v) for v in args.m_seeds.split(",")],
                                       [float(v) for v in args.m_targets.split(",")], pe_m, re_m, args.m_batches,
-                                      m_gammas, args.m_sweep_epochs)
+                                      m_gammas, args.m_sweep_epochs, saved_law=saved)
         results["M"] = {"runs": raw_m, "law": law_m, "prune_epochs": pe_m, "regrow_epochs": re_m,
                         "batches_per_epoch": args.m_batches}
         title_m = (f"M. ResNet-20 on mnist5k (dense checkpoints trained 15 epochs), REDUCED: {pe_m} prune + {re_m} "
                    f"regrow epochs vs GMP / one-shot + FT {pe_m + re_m} epochs, {args.m_batches} of 27 batches per "
                    f"epoch, seeds {args.m_seeds}")
-        if m_gammas:
-            title_m += "; HF gamma0 seeded by the law below"
+        if m_gammas or saved:
+            title_m += "; HF gamma0 seeded by the law below" + (f" (from {args.m_law})" if saved else "")
         out += [format_table(rows_m, title=title_m), ""]
         if law_m is not None:
             f = law_m["fit"]
@@ -380,7 +389,6 @@ def main(argv: list[str] | None = None) -> int:
     out.append(f"Total wall time: {time.perf_counter() - t_all:.0f} s")
     print("\n".join(out))
     import json
-    from pathlib import Path
 
     od = Path(args.out)
     od.mkdir(parents=True, exist_ok=True)
