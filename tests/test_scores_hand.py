@@ -115,7 +115,8 @@ def test_taylor_by_hand():
 
 
 @pytest.mark.parametrize("center", [False, True])
-def test_agf_by_hand_centred_and_not(center):
+@pytest.mark.parametrize("abs_mode", ["elementwise", "after_sum", "squared"])
+def test_agf_by_hand_centred_and_not(center, abs_mode):
     m = ConvBN().eval()
     units, u = _unit(m)
     batches = _batches()
@@ -125,9 +126,24 @@ def test_agf_by_hand_centred_and_not(center):
         loss = F.cross_entropy(m.fc(m.c2(h).mean((2, 3))), y, reduction="sum")
         (g,) = torch.autograd.grad(loss, h)
         hc = h - h.mean((0, 2, 3), keepdim=True) if center else h
-        want += (hc * g).abs().sum((2, 3)).mean(0).double()
-    got = get_score("agf", center=center)(m, [u], batches)["c1"]
+        prod = (hc * g).double()
+        if abs_mode == "elementwise":
+            per = prod.abs().sum((2, 3))
+        elif abs_mode == "after_sum":
+            per = prod.sum((2, 3)).abs()
+        else:
+            per = prod.sum((2, 3)) ** 2
+        want += per.mean(0)
+    got = get_score("agf", center=center, abs_mode=abs_mode)(m, [u], batches)["c1"]
     torch.testing.assert_close(got.double(), want / len(batches), rtol=1e-5, atol=1e-8)
+
+
+def test_agf_default_is_centred_after_sum():
+    m = ConvBN().eval()
+    units, u = _unit(m)
+    batches = _batches()
+    torch.testing.assert_close(get_score("agf")(m, [u], batches)["c1"],
+                               get_score("agf", center=True, abs_mode="after_sum")(m, [u], batches)["c1"])
 
 
 def test_agf_paper_is_the_plain_reading():
