@@ -344,6 +344,8 @@ def main(argv=None) -> None:
     p.add_argument("--no-roundtrip", action="store_true")
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--note", default="", help="what else ran on the machine")
+    p.add_argument("--inprocess", action="store_true", help="run every model in this process (faster; "
+                   "timeouts by SIGALRM)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     p.add_argument("--part", choices=["both", "fp", "tp"], default="both", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -363,6 +365,9 @@ def main(argv=None) -> None:
             names = [n for n in names if n in want] or want
         todo += [(s, n) for n in names]
     done = {(r["suite"], r["model"]): r for r in old.get("records", [])}
+    if args.inprocess:
+        _run_inprocess(todo, done, args, out)
+        return
     for i, (s, n) in enumerate(todo):
         t0 = time.time()
         rec: dict = {"suite": s, "model": n}
@@ -391,6 +396,46 @@ def main(argv=None) -> None:
               f"tp={'ok' if t.get('ok') else t.get('error', rec.get('error'))} ({rec['seconds']} s)", flush=True)
         _write(done, args, out)
     _write(done, args, out)
+
+
+def _run_inprocess(todo, done: dict, args, out: Path) -> None:
+    """All models in this process (no start-up cost per model); a SIGALRM timeout per half."""
+    import logging
+    import signal
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+
+    class _Timeout(Exception):
+        pass
+
+    def alarm(*_):
+        raise _Timeout
+
+    signal.signal(signal.SIGALRM, alarm)
+    for i, (s, n) in enumerate(todo):
+        t0 = time.time()
+        rec: dict = {"suite": s, "model": n}
+        for part, key in (("fp", "flowprune"), ("tp", "tp")):
+            signal.alarm(args.timeout)
+            try:
+                got = run_one(s, n, args.size, args.threads, not args.no_roundtrip, part)
+                for k, v in got.items():
+                    if k not in ("flowprune", "tp") or k == key:
+                        rec[k] = v
+            except _Timeout:
+                rec[key] = {"ok": False, "error": f"timeout after {args.timeout} s"}
+            except Exception as e:  # noqa: BLE001 -- e.g. the model cannot be built
+                rec[key] = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+            finally:
+                signal.alarm(0)
+        rec["seconds"] = round(time.time() - t0, 1)
+        done[(s, n)] = rec
+        f, t = rec.get("flowprune", {}), rec.get("tp", {})
+        print(f"[{i + 1}/{len(todo)}] {s}:{n} flowprune={'ok' if f.get('ok') else f.get('error')} "
+              f"tp={'ok' if t.get('ok') else t.get('error')} ({rec['seconds']} s)", flush=True)
+        _write(done, args, out)
 
 
 def _write(done: dict, args, out: Path) -> None:

@@ -123,17 +123,39 @@ def apply_cuts(model: nn.Module, cuts: Mapping[str, torch.Tensor | Sequence[int]
 
     Raises:
         FlowpruneError: unknown unit, indices out of range, a cut removing a whole unit, or a
-            surgery Torch-Pruning cannot do (naming the unit).
+            surgery Torch-Pruning cannot do or a cut that leaves the model unable to run (the
+            cut copy is run once on ``example_inputs``; on failure the units are cut again one by
+            one to name the one that breaks it).
     """
-    from flowprune.units import analyse
-
     if not isinstance(model, nn.Module):
         raise FlowpruneError(f"model must be a torch nn.Module, got {type(model).__name__}")
     if not isinstance(cuts, Mapping):
         raise FlowpruneError(f"cuts must be a mapping {{unit name: indices}}, got {type(cuts).__name__}")
     x = _example(model, example_inputs)
+    new = _cut(model, cuts, x, check_each=False)
+    if not _runs(new, x):
+        _cut(model, cuts, x, check_each=True)  # raises, naming the unit whose cut breaks the model
+        raise FlowpruneError("the cut model does not run on example_inputs, though every unit cut alone in "
+                             "sequence did; cut fewer units at a time")
+    return new
+
+
+def _runs(model: nn.Module, x: torch.Tensor) -> bool:
+    from flowprune.measure import eval_mode
+
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(x[:1])
+    except Exception:  # noqa: BLE001 -- only whether it runs
+        return False
+    return True
+
+
+def _cut(model: nn.Module, cuts, x: torch.Tensor, *, check_each: bool) -> nn.Module:
+    from flowprune.units import analyse
+
     new = copy.deepcopy(model)
-    found, dg = analyse(new, x)
+    found, dg = analyse(new, x, validate=False)
     by = found.by_name()
     clean: dict[str, list[int]] = {}
     for name, idx in cuts.items():
@@ -166,9 +188,15 @@ def apply_cuts(model: nn.Module, cuts: Mapping[str, torch.Tensor | Sequence[int]
         except Exception as e:  # noqa: BLE001 -- one clear error naming the unit
             raise FlowpruneError(f"Torch-Pruning could not cut unit {name!r} ({type(u.module).__name__}): "
                                  f"{type(e).__name__}: {e}") from None
+        if check_each and not _runs(new, x):
+            raise FlowpruneError(f"cutting unit {name!r} leaves the model unable to run: Torch-Pruning's index "
+                                 "mapping of this architecture is wrong for that unit; leave it out of the cuts "
+                                 f"or pass ignored_layers=[{name!r}] to find_units")
     for name, lst in clean.items():
         if by[name].kind == "head":
             cut_heads(by[name].module, lst)
+            if check_each and not _runs(new, x):
+                raise FlowpruneError(f"cutting the heads of {name!r} leaves the model unable to run")
     meta = dict(getattr(model, "flowprune_metadata", {}) or {})
     history = list(meta.get("cuts", []))
     history.append({k: v for k, v in clean.items()})

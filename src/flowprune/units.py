@@ -526,7 +526,8 @@ def graph_ties(group, dg, root: nn.Module, size: int) -> list[tuple[int, int]]:
     concatenated back onto its own source, as in GhostNet) is invisible there; a group started
     from one root channel shows it: the root layer itself is reached at more than one channel.
     Probed only for groups holding a concatenation / split / slice and a depthwise conv (a loop
-    needs both), at the first and last channel, and then for every channel if either is tied.
+    needs both), at the first, middle and last channel; a shift pattern that explains those
+    probes is applied to every channel, otherwise every channel is probed.
     """
     import torch_pruning as tp
 
@@ -545,8 +546,19 @@ def graph_ties(group, dg, root: nn.Module, size: int) -> list[tuple[int, int]]:
                 out.update(int(i) for i in it.idxs)
         return out
 
-    if all(reached(r) <= {r} for r in {0, size - 1}):
+    probes = sorted({0, size // 2, size - 1})
+    seen = {r: reached(r) for r in probes}
+    if all(v <= {r} for r, v in seen.items()):
         return []
+    # a tie pattern is usually a shift (GhostNet: channel r with r + size/2); predict it from the
+    # probes and check it on them, else probe every channel
+    shifts = {i - r for r, v in seen.items() for i in v if i != r}
+
+    def predicted(r: int) -> set[int]:
+        return {r} | {r + d for d in shifts if 0 <= r + d < size}
+
+    if all(predicted(r) == v | {r} for r, v in seen.items()):
+        return [(r, r + d) for r in range(size) for d in shifts if 0 <= r + d < size]
     return [(r, i) for r in range(size) for i in reached(r) if i != r and 0 <= i < size]
 
 
@@ -665,6 +677,31 @@ def _output_layers(dg, mod2name: dict) -> set[str]:
     return out
 
 
+def _dim_of(m: nn.Module, role: str) -> int | None:
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return m.out_channels if role == "out" else m.in_channels
+    if isinstance(m, nn.Linear):
+        return m.out_features if role == "out" else m.in_features
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return m.num_features
+    if isinstance(m, nn.GroupNorm):
+        return m.num_channels
+    if isinstance(m, nn.LayerNorm):
+        return int(m.normalized_shape[-1])
+    return None
+
+
+def _bad_indices(members: list[Member], named: dict) -> str | None:
+    """A sentence if Torch-Pruning mapped an index outside a member's channels (a topology its
+    index mapping gets wrong, e.g. Res2Net's chained splits); such a group is left intact."""
+    for mb in members:
+        dim = _dim_of(named[mb.module_name], mb.role)
+        if dim is not None and len(mb.idxs) and (int(mb.idxs.max()) >= dim or int(mb.idxs.min()) < 0):
+            return (f"Torch-Pruning maps channel {int(mb.idxs.max())} onto {mb.module_name!r}, which has {dim} "
+                    f"{'output' if mb.role == 'out' else 'input'} channels (an index mapping it gets wrong here)")
+    return None
+
+
 def _dedupe(members: list[Member]) -> list[Member]:
     seen, out = set(), []
     for m in members:
@@ -681,7 +718,7 @@ def _remap(members: list[Member], class_of: torch.Tensor) -> list[Member]:
 
 
 def analyse(model: nn.Module, example_inputs: torch.Tensor, *, kinds: Sequence[str] = KINDS,
-            ignored_layers: Sequence[nn.Module | str] | None = None):
+            ignored_layers: Sequence[nn.Module | str] | None = None, validate: bool = True):
     """:func:`find_units` plus the DependencyGraph it used: ``(units, dg)``."""
     import torch_pruning as tp
 
@@ -776,6 +813,12 @@ def analyse(model: nn.Module, example_inputs: torch.Tensor, *, kinds: Sequence[s
             if root is not tp_root:
                 group = dg.get_pruning_group(root, pruner.prune_out_channels, list(range(size)))
                 producers, norms, consumers, _ = _members_from_group(group, dg, mod2name)
+            why = _bad_indices(producers + norms + consumers, named)
+            if why is not None:
+                units.unsupported.append(root_name)
+                units.reasons[root_name] = why
+                log.warning("channels of %s are left intact: %s", root_name, why)
+                continue
             classes, n_groups, why = channel_classes(group, dg, size, mod2name, graph_ties(group, dg, root, size))
             if why is not None:
                 units.unsupported.append(root_name)
@@ -818,7 +861,70 @@ def analyse(model: nn.Module, example_inputs: torch.Tensor, *, kinds: Sequence[s
                                       consumers=[Member(f"{a}.proj", "in", ar, heads_of)],
                                       block=a.rpartition(".")[0], head_dim=d))
     units.sort(key=lambda u: order[u.name])
+    if validate and _has_splits(dg):
+        bad = trial_cuts(model, example_inputs, units, kinds=kinds, ignored_layers=ignored_layers)
+        if bad:
+            log.warning("channels left intact (a trial cut breaks the model): %s", ", ".join(bad))
+            keep = UnitList(u for u in units if u.name not in bad)
+            keep.unsupported = units.unsupported + list(bad)
+            keep.reasons = {**units.reasons, **bad}
+            keep.excluded = units.excluded
+            units = keep
     return units, dg
+
+
+def _has_splits(dg) -> bool:
+    """A split or slice, or more than one reshape (the one before a classifier is harmless)."""
+    import torch_pruning as tp
+
+    types = [n.type for n in dg.module2node.values()]
+    return (any(t in (tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.SLICE) for t in types)
+            or sum(t == tp.ops.OPTYPE.RESHAPE for t in types) > 1)
+
+
+def trial_cuts(model: nn.Module, example_inputs: torch.Tensor, units: Sequence[PrunableUnit], *,
+               kinds: Sequence[str] = KINDS, ignored_layers=None) -> dict[str, str]:
+    """``{unit name: reason}`` for units whose cut leaves the model unable to run.
+
+    Torch-Pruning's index mapping through splits, slices and reshapes (CSP stages, Res2Net,
+    selective kernels) is wrong for some topologies. For a graph holding a split or slice (or more
+    than one reshape), every channel / neuron unit is cut by half on a copy (one more trace), one
+    after the other, and the copy
+    is run on ``example_inputs`` after each; a unit whose cut breaks it is reported and the copy
+    rebuilt. The caller's model is not changed.
+    """
+    import copy
+
+    from flowprune.cut import _dedupe_group, _runs
+
+    x = example_inputs
+
+    def fresh():
+        work = copy.deepcopy(model)
+        found, dg = analyse(work, x, kinds=kinds, ignored_layers=ignored_layers, validate=False)
+        return work, found.by_name(), dg
+
+    work, by, dg = fresh()
+    bad: dict[str, str] = {}
+    for u in units:
+        if u.kind == "head" or u.size < 2:
+            continue
+        w = by.get(u.name)
+        if w is None:
+            continue
+        try:
+            g = dg.get_pruning_group(w.module, dg.get_pruner_of_module(w.module).prune_out_channels,
+                                     w.channels(list(range((w.size + 1) // 2, w.size))))
+            _dedupe_group(g)
+            g.prune()
+            ok = _runs(work, x)
+        except Exception:  # noqa: BLE001 -- any failure marks the unit
+            ok = False
+        if not ok:
+            bad[u.name] = ("a trial cut of this unit leaves the model unable to run (Torch-Pruning's index mapping "
+                           "through a split/slice is wrong here); left intact")
+            work, by, dg = fresh()
+    return bad
 
 
 def find_units(model: nn.Module, example_inputs: torch.Tensor, *, kinds: Sequence[str] = KINDS,
