@@ -16,7 +16,8 @@ input batch, and the medians are compared:
   ``(m >= 0).to(dtype)``, the pressure as a ``P * mean(m)`` term in the loss, for-loop Adam.
 
 The same SGD implementation (torch's default) is used for the weights in all three, so the ratio
-measures the masks only. Writes ``OUT/results.json`` and prints a table and the command.
+measures the masks only. The ratio of the fastest steps is printed too: on a loaded machine the
+medians include waiting for memory bandwidth that other jobs take, which stretches all three. Writes ``OUT/results.json`` and prints a table and the command.
 """
 
 from __future__ import annotations
@@ -149,6 +150,8 @@ def measure(name: str, batch: int, rounds: int, per_round: int) -> dict:
     return {"model": name, "batch": batch, "steps_each": len(times["dense"]),
             "dense_ms": 1e3 * med["dense"], "fused_ms": 1e3 * med["fused"], "legacy_ms": 1e3 * med["legacy"],
             "fused_overhead": med["fused"] / med["dense"], "legacy_overhead": med["legacy"] / med["dense"],
+            "fused_overhead_best": min(times["fused"]) / min(times["dense"]),
+            "legacy_overhead_best": min(times["legacy"]) / min(times["dense"]),
             "params_mb": pbytes / 1e6, "logits_over_params": lbytes / pbytes,
             "spread_dense_ms": [1e3 * min(times["dense"]), 1e3 * max(times["dense"])],
             "spread_fused_ms": [1e3 * min(times["fused"]), 1e3 * max(times["fused"])]}
@@ -172,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"model": name, "batch": r["batch"], "steps each": r["steps_each"],
                      "dense ms": f"{r['dense_ms']:.2f}", "fused masked ms": f"{r['fused_ms']:.2f}",
                      "fused / dense": f"{r['fused_overhead']:.2f}", "legacy masked ms": f"{r['legacy_ms']:.2f}",
-                     "legacy / dense": f"{r['legacy_overhead']:.2f}", "goal <= 1.3x":
+                     "legacy / dense": f"{r['legacy_overhead']:.2f}",
+                     "fused / dense, fastest steps": f"{r['fused_overhead_best']:.2f}",
+                     "legacy / dense, fastest steps": f"{r['legacy_overhead_best']:.2f}", "goal <= 1.3x (medians)":
                          "met" if r["fused_overhead"] <= 1.3 else "not met"})
         print(f"[{name}] done", file=sys.stderr, flush=True)
     title = (f"Mask training overhead, median step time over interleaved rounds ({args.threads} thread(s), "
