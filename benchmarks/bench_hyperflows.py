@@ -153,20 +153,24 @@ def part_d(sparsities, lat_reps: int, rounds: int, lenet=None):
             dense = bake(masked).eval()
             fast = to_sparse_execution(dense, min_sparsity=0.0)
             x1, xb = torch.randn(1, 1, 28, 28), torch.randn(big, 1, 28, 28)
-            d1, s1, db, sb = [], [], [], []
+            auto = to_sparse_execution(dense, min_sparsity=0.0, example_input=xb, reps=10)
+            d1, s1, db, sb, ab = [], [], [], [], []
             for _ in range(rounds):
                 d1 += _median_time(dense, x1, lat_reps)
                 s1 += _median_time(fast, x1, lat_reps)
                 db += _median_time(dense, xb, max(2, lat_reps // 10))
                 sb += _median_time(fast, xb, max(2, lat_reps // 10))
+                ab += _median_time(auto, xb, max(2, lat_reps // 10))
             r1 = statistics.median(d1) / statistics.median(s1)
             rb = statistics.median(db) / statistics.median(sb)
+            ra = statistics.median(db) / statistics.median(ab)
             rows.append({"model": name, "sparsity": f"{sp:.2f}",
                          "dense b1 ms": f"{1e3 * statistics.median(d1):.3f}",
                          "sparse b1 ms": f"{1e3 * statistics.median(s1):.3f}", "b1 speed-up": f"{r1:.2f}",
                          "big batch": big, "dense samples/s": f"{big / statistics.median(db):.0f}",
                          "sparse samples/s": f"{big / statistics.median(sb):.0f}",
-                         "throughput speed-up": f"{rb:.2f}"})
+                         "throughput speed-up": f"{rb:.2f}",
+                         "per-layer auto speed-up": f"{ra:.2f} ({len(auto.sparse_layers)}/{len(auto.sparse_decisions)} sparse)"})
             for key, r in (("b1", r1), (f"b{big}", rb)):
                 if r > 1 and (name, key) not in crossover:
                     crossover[(name, key)] = sp

@@ -110,3 +110,13 @@ def test_malformed_sparse_file_raises(tmp_path):
         load_sparse(d)
     with pytest.raises(FlowpruneError, match="min_sparsity"):
         to_sparse_execution(nn.Linear(2, 2), min_sparsity=1.5)
+
+
+def test_sparse_execution_with_example_input_keeps_only_faster_layers():
+    baked = bake(_masked("lenet300", (1, 8, 8), 0.95))
+    x = torch.randn(64, 1, 8, 8)
+    fast = to_sparse_execution(baked, min_sparsity=0.5, example_input=x, reps=3)
+    assert set(fast.sparse_decisions) == {"body.0", "body.2", "fc"}
+    assert fast.sparse_layers == [n for n, d in fast.sparse_decisions.items() if d["sparse"]]
+    with torch.no_grad():
+        assert torch.allclose(fast(x), baked(x), atol=1e-4, rtol=1e-4)

@@ -15,7 +15,9 @@
   dense (oneDNN) convolution for ResNet-20's 16-64 channels, so sparse convolutions do not beat
   dense there; sparse Linear layers do at high sparsity and large batches (see the benchmark). It is an inference-only runtime form (not a save format). Whether it is
   faster than dense depends on sparsity, batch size and the CPU: measure with
-  ``benchmarks/bench_hyperflows.py``.
+  ``benchmarks/bench_hyperflows.py``. Pass ``example_input=`` (a batch of the size you will run)
+  and each layer is timed both ways on its own input and converted only where CSR is faster,
+  so the sparse path pays or stays dense layer by layer (``model.sparse_decisions``).
 """
 
 from __future__ import annotations
@@ -222,16 +224,45 @@ class SparseConv2d(nn.Module):
         return y
 
 
+def _median_seconds(layer: nn.Module, x: torch.Tensor, reps: int) -> float:
+    import time
+
+    layer(x)
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        layer(x)
+        ts.append(time.perf_counter() - t)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
 def to_sparse_execution(model: nn.Module, *, min_sparsity: float = 0.7, linear: bool = True,
-                        conv: bool = True) -> nn.Module:
+                        conv: bool = True, example_input: torch.Tensor | None = None,
+                        reps: int = 20) -> nn.Module:
     """A copy of ``model`` (masks baked) with sparse-enough Linear/Conv2d layers on CSR kernels.
 
-    Layers with fewer than ``min_sparsity`` zeros stay dense. The copy is for inference
-    (eval mode, no gradients); ``model.sparse_layers`` lists the converted layers.
+    Layers with fewer than ``min_sparsity`` zeros stay dense. With ``example_input`` (a batch of
+    the size you will run), each candidate layer is timed dense and sparse on the input it sees
+    for that batch (medians of ``reps`` calls) and converted only when the sparse form is faster
+    there: the sparse path then never loses to dense layer by layer. ``model.sparse_decisions``
+    records ``{layer: {"dense_ms", "sparse_ms", "sparse"}}``. The copy is for inference (eval
+    mode, no gradients); ``model.sparse_layers`` lists the converted layers.
     """
     check_fraction("min_sparsity", min_sparsity, high_open=False)
-    net = bake(model)
-    converted = []
+    net = bake(model).eval()
+    inputs: dict[str, torch.Tensor] = {}
+    if example_input is not None:
+        hooks = []
+        for name, m in net.named_modules():
+            if name and isinstance(m, (nn.Linear, nn.Conv2d)):
+                hooks.append(m.register_forward_pre_hook(
+                    lambda mod, args, _n=name: inputs.__setitem__(_n, args[0].detach())))
+        with torch.no_grad():
+            net(example_input)
+        for h in hooks:
+            h.remove()
+    converted, decisions = [], {}
     for name, m in list(net.named_modules()):
         if not name:
             continue
@@ -243,10 +274,19 @@ def to_sparse_execution(model: nn.Module, *, min_sparsity: float = 0.7, linear: 
                 and m.padding_mode == "zeros":
             if float((m.weight == 0).float().mean()) >= min_sparsity:
                 new = SparseConv2d(m)
+        if new is not None and example_input is not None and name in inputs:
+            x = inputs[name]
+            with torch.no_grad():
+                td = _median_seconds(m, x, reps)
+                tsp = _median_seconds(new, x, reps)
+            decisions[name] = {"dense_ms": 1e3 * td, "sparse_ms": 1e3 * tsp, "sparse": tsp < td}
+            if tsp >= td:
+                new = None
         if new is not None:
             parent_name, _, child = name.rpartition(".")
             parent = net.get_submodule(parent_name) if parent_name else net
             setattr(parent, child, new)
             converted.append(name)
     net.sparse_layers = converted
+    net.sparse_decisions = decisions
     return net.eval()
