@@ -182,7 +182,10 @@ def _work(args, run, out, data, model, cfg, gammas, law) -> int:
     from flowprune.io import save
     from flowprune.sparse import save_sparse
 
-    with Timer() as t:
+    import warnings
+
+    with Timer() as t, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Hyperflows: the scheduler ended")  # printed below instead
         res = hyperflows_prune(model, data, cfg, checkpoint_dir=out, resume=not args.no_resume, law=law)
     pruned = res.pop("model")
     res.pop("masked_model")
@@ -195,13 +198,18 @@ def _work(args, run, out, data, model, cfg, gammas, law) -> int:
     res["sparse_file_bytes"] = sp_info["stored_bytes"]
     res["dense_file_bytes"] = sp_info["dense_bytes"]
     if not args.no_speed:
+        import torch
+
         from flowprune.measure import latency
         from flowprune.sparse import to_sparse_execution
 
         fast = to_sparse_execution(pruned)
+        auto = to_sparse_execution(pruned, example_input=torch.randn(1, *data.input_shape))
         res["speed"] = {"dense_latency_ms_b1": 1e3 * latency(pruned, data.input_shape),
                         "sparse_latency_ms_b1": 1e3 * latency(fast, data.input_shape),
-                        "sparse_layers": fast.sparse_layers}
+                        "sparse_layers": fast.sparse_layers,
+                        "auto_latency_ms_b1": 1e3 * latency(auto, data.input_shape),
+                        "auto_sparse_layers": auto.sparse_layers}
     res["test_accuracy"] = res["accuracy"]
     write_results(out / "results.json", res)
     run.finish()
@@ -213,6 +221,7 @@ def _work(args, run, out, data, model, cfg, gammas, law) -> int:
     if "speed" in res:
         row["dense ms"] = res["speed"]["dense_latency_ms_b1"]
         row["sparse ms"] = res["speed"]["sparse_latency_ms_b1"]
+        row["auto ms"] = res["speed"]["auto_latency_ms_b1"]
     print(format_table([row], digits=4))
     if not sch["within_tolerance"]:
         print(f"WARNING: {sch['warning']}; fine-tuned {cor['finetune_steps']} steps after it")
