@@ -179,10 +179,10 @@ def _work(args, run, out, data, model, cfg, gammas, law) -> int:
         print(f"saved to {out}/results.json")
         return 0
 
+    import warnings
+
     from flowprune.io import save
     from flowprune.sparse import save_sparse
-
-    import warnings
 
     with Timer() as t, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Hyperflows: the scheduler ended")  # printed below instead
