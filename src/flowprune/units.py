@@ -27,6 +27,7 @@ group that touches one is dropped, and the layer is reported in ``units.unsuppor
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -438,7 +439,43 @@ def _trace(model: nn.Module, x: torch.Tensor, unwrapped, *, train: bool, opaque:
                 b.copy_(v)
 
 
+class _caches_restored:
+    """Context manager: dict/list attributes of every module restored on exit (in place).
+
+    Some models cache tensors during an eval forward (timm LeViT's ``attention_bias_cache``);
+    filled under autograd by a trace, they would make the caller's model un-deep-copyable.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.saved = []
+        for m in self.model.modules():
+            for k, v in m.__dict__.items():
+                if not k.startswith("_") and isinstance(v, (dict, list)):
+                    self.saved.append((m, k, v, copy.copy(v)))
+        return self
+
+    def __exit__(self, *exc):
+        for m, k, obj, snap in self.saved:
+            if m.__dict__.get(k) is not obj:  # replaced (LeViT's train() assigns a fresh cache)
+                m.__dict__[k] = obj
+            if isinstance(obj, dict):
+                if obj.keys() != snap.keys() or any(obj[i] is not snap[i] for i in snap):
+                    obj.clear()
+                    obj.update(snap)
+            elif len(obj) != len(snap) or any(a is not b for a, b in zip(obj, snap)):
+                obj[:] = snap
+
+
 def build_graph(model: nn.Module, example_inputs: torch.Tensor):
+    """Torch-Pruning's DependencyGraph of ``model``; see :func:`_build_graph` (caches restored)."""
+    with _caches_restored(model):
+        return _build_graph(model, example_inputs)
+
+
+def _build_graph(model: nn.Module, example_inputs: torch.Tensor):
     """Torch-Pruning's DependencyGraph of ``model`` (traced once with ``example_inputs``).
 
     Traced in eval mode; if that leaves modules with parameters unreached (auxiliary heads that
