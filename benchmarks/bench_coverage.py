@@ -344,6 +344,7 @@ def main(argv=None) -> None:
     p.add_argument("--no-roundtrip", action="store_true")
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--note", default="", help="what else ran on the machine")
+    p.add_argument("--merge", default=None, help="a coverage.json whose records are folded into --out")
     p.add_argument("--inprocess", action="store_true", help="run every model in this process (faster; "
                    "timeouts by SIGALRM)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -356,6 +357,17 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     jpath = out / "coverage.json"
     old = json.loads(jpath.read_text()) if jpath.exists() else {"records": []}
+    if args.merge:  # fold another run's records (e.g. the timm sample) into this results file
+        other = json.loads(Path(args.merge).read_text())
+        done = {(r["suite"], r["model"]): r for r in old.get("records", []) + other.get("records", [])}
+        meta = old.get("meta", {})
+        om = other.get("meta", {})
+        meta["command"] = f"{meta.get('command', '')}; {om.get('command', '')}".strip("; ")
+        meta["note"] = f"{meta.get('note', '')} {om.get('note', '')}".strip()
+        records = sorted(done.values(), key=lambda r: (r["suite"], r["model"]))
+        jpath.write_text(json.dumps({"meta": meta, "summary": summarise(records), "records": records}, indent=1))
+        write_md(records, meta, out / "coverage.md")
+        return
     suites = ["tv", "timm"] if args.suite == "both" else [args.suite]
     todo = []
     for s in suites:

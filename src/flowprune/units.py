@@ -958,8 +958,9 @@ def trial_cuts(model: nn.Module, example_inputs: torch.Tensor, units: Sequence[P
         except Exception:  # noqa: BLE001 -- any failure marks the unit
             ok = False
         if not ok:
-            bad[u.name] = ("a trial cut of this unit leaves the model unable to run (Torch-Pruning's index mapping "
-                           "through a split/slice is wrong here); left intact")
+            bad[u.name] = ("a trial cut of this unit leaves the model unable to run (Torch-Pruning maps it wrongly "
+                           "through a split/slice/reshape, or it touches a parameter Torch-Pruning does not cut, "
+                           "such as the gain of timm's ScaledStdConv2d); left intact")
             work, by, dg = fresh()
     return bad
 
