@@ -39,6 +39,7 @@ import inspect
 import json
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -391,7 +392,7 @@ def validate_recipe(recipe: Any, where: str | os.PathLike = "") -> dict:
     for mname, info in modules.items():
         if not isinstance(info, dict) or not isinstance(info.get("class"), str):
             raise FlowpruneError(f"{w}: modules[{mname!r}] must be an object with a 'class' name, got {info!r}")
-        if mname and not all(part.isidentifier() or part.isdigit() for part in mname.split(".")):
+        if mname and not all(_MODULE_PART.fullmatch(part) for part in mname.split(".")):
             raise FlowpruneError(f"{w}: modules: {mname!r} is not a module path")
         attrs = info.get("attrs", {})
         if not isinstance(attrs, dict):
@@ -407,13 +408,18 @@ def validate_recipe(recipe: Any, where: str | os.PathLike = "") -> dict:
     return recipe
 
 
+# a module path part: Python identifiers, list indices, and the dashed names some libraries give children
+# (torchvision RegNet's ``block1-0``); names are only looked up in ``named_modules``, never evaluated
+_MODULE_PART = re.compile(r"[A-Za-z0-9_\-]{1,128}")
+
+
 def _check_attr_value(w: str, mname: str, a: str, v: Any) -> None:
     raw = v["__tuple__"] if isinstance(v, dict) and set(v) == {"__tuple__"} else v
     ok = False
     if isinstance(raw, bool):
         ok = True
     elif _is_int(raw):
-        ok = 0 <= raw <= 10**7
+        ok = -64 <= raw <= 10**7  # small negatives: a dimension index such as Softmax(dim=-1)
     elif isinstance(raw, float):
         ok = math.isfinite(raw)
     elif isinstance(raw, list):
@@ -432,7 +438,7 @@ def _compatible(old: Any, new: Any) -> bool:
     if isinstance(old, bool) or isinstance(new, bool):
         return isinstance(old, bool) and isinstance(new, bool)
     if _is_int(old):
-        return _is_int(new) and new >= 1
+        return _is_int(new) and (new >= 1 if old >= 1 else new == old)
     if isinstance(old, float):
         return _is_number(new)
     if isinstance(old, (tuple, list)):
