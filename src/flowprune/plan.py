@@ -139,19 +139,21 @@ def _round_width(k: float, size: int, min_width: int, round_to: int) -> int:
     return int(min(size, k))
 
 
-def block_of(model: nn.Module | None, unit) -> str:
+def block_of(unit, modules: Mapping[str, nn.Module] | None = None, model: nn.Module | None = None) -> str:
     """The block a unit is normalised over with ``normalize="block"``.
 
     The unit's enclosing module (a residual block, a transformer block) when that module is a real
     block; when the enclosing module is a plain container (``nn.Sequential``, ``nn.ModuleList``,
     ``nn.ModuleDict``) or the model itself, the unit is its own block (so a plain Sequential net
     gets per-unit normalisation instead of one shared statistic, which would be raw scores).
+    ``modules``: ``dict(model.named_modules())``; without it the parent name is used as is.
     """
     parent = unit.block
-    if model is None or not parent:
-        return unit.name if not parent else parent
-    mods = dict(model.named_modules())
-    m = mods.get(parent)
+    if not parent:
+        return unit.name
+    if modules is None:
+        return parent
+    m = modules.get(parent)
     if m is None or m is model or isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
         return unit.name
     return parent
@@ -170,7 +172,8 @@ def normalised(units: Sequence, scores: Mapping[str, torch.Tensor], mode: str,
             out[u.name] = s / m if m > 0 else s
         return out
     blocks: dict[str, list[torch.Tensor]] = {}
-    block = {u.name: block_of(model, u) for u in units}
+    modules = dict(model.named_modules()) if model is not None else None
+    block = {u.name: block_of(u, modules, model) for u in units}
     for u in units:
         blocks.setdefault(block[u.name], []).append(scores[u.name].double())
     mean = {b: torch.cat(v).abs().mean() for b, v in blocks.items()}

@@ -312,11 +312,17 @@ class TPImportance:
                 self.calls = 0  # how many times the wrapped score actually ran
                 self._cache: dict[tuple, dict[str, tuple[torch.Tensor, dict[int, int]]]] = {}
                 self._names: tuple[int, dict[nn.Module, str]] | None = None
+                self._fp: tuple[tuple, tuple] | None = None
 
             def _scores_by_producer(self, model: nn.Module) -> dict[str, tuple[torch.Tensor, dict[int, int]]]:
                 from flowprune.units import find_units
 
-                key = weights_fingerprint(model)
+                # the full content fingerprint only when a tensor was replaced or changed in place (Torch-Pruning
+                # calls the importance once per group: the whole model is not summed again for every group)
+                cheap = (id(model), tuple((t.data_ptr(), t._version) for t in model.state_dict().values()))
+                if self._fp is None or self._fp[0] != cheap:
+                    self._fp = (cheap, weights_fingerprint(model))
+                key = self._fp[1]
                 hit = self._cache.get(key)
                 if hit is not None:
                     return hit
