@@ -1,0 +1,85 @@
+"""Checkpoint and resume for long runs: one helper shared by every procedure.
+
+A :class:`RunState` owns a checkpoint directory. After every finished step a procedure calls
+:meth:`RunState.save` with its state (a JSON-safe dict) and, optionally, the model: the model is
+written first (flowprune.io format, atomic), then ``state.json`` (atomic rename), so a crash at
+any point loses at most the step in flight. :meth:`RunState.load` returns the last saved state,
+or ``None`` for a fresh directory, and refuses a directory written by a run with other settings
+(the error names the file and the fix). Under torchrun only rank 0 writes.
+
+Atomic writers for JSON and ``torch.save`` files are here too, so no module writes its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from flowprune.config import jsonable
+from flowprune.errors import FlowpruneError
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as JSON to ``path`` through a temporary file and an atomic rename."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(jsonable(obj), indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to ``path`` through a temporary file and an atomic rename."""
+    import torch
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+class RunState:
+    """The checkpoint directory of one run of ``procedure`` with settings ``config``."""
+
+    def __init__(self, directory: str | os.PathLike, procedure: str, config: dict, *,
+                 state_file: str = "state.json"):
+        self.dir = Path(directory)
+        self.procedure = procedure
+        self.config = jsonable(config)
+        self.file = self.dir / state_file
+
+    def load(self) -> dict | None:
+        """The last saved state, or ``None`` when the directory holds none."""
+        if not self.file.exists():
+            return None
+        try:
+            state = json.loads(self.file.read_text())
+        except (OSError, ValueError) as e:
+            raise FlowpruneError(f"checkpoint state {self.file} cannot be read ({e}); delete it or use a "
+                                 "fresh checkpoint directory") from None
+        if not isinstance(state, dict) or state.get("config") != self.config:
+            raise FlowpruneError(f"checkpoint {self.file} was written by a {self.procedure} run with other "
+                                 "settings; use a fresh checkpoint directory or the same arguments")
+        return state
+
+    def save(self, state: dict, model=None, *, model_name: str = "model", metadata: dict | None = None) -> None:
+        """Save ``model`` (if given) under ``model_name``, then ``state`` with the config, atomically."""
+        from flowprune.distributed import is_main
+
+        if not is_main():
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if model is not None:
+            from flowprune import io
+
+            io.save(model, self.dir / model_name, metadata=metadata or {"method": self.procedure, "checkpoint": True})
+        atomic_write_json(self.file, {**state, "config": self.config})
+
+    def load_model(self, model_name: str = "model"):
+        """The model saved under ``model_name`` (flowprune.io format; no code runs from the file)."""
+        from flowprune import io
+
+        return io.load(self.dir / model_name)
