@@ -129,8 +129,6 @@ def find_removable_blocks(model: nn.Module, example_inputs: torch.Tensor | Itera
     for k in kinds:
         if k not in KINDS:
             raise FlowpruneError(f"unknown block kind {k!r}; allowed: {', '.join(KINDS)}")
-    from flowprune.measure import eval_mode
-
     batches = _as_batches(example_inputs)
     modules = dict(model.named_modules())
     parents: dict[str, nn.Module | None] = {}
@@ -138,6 +136,26 @@ def find_removable_blocks(model: nn.Module, example_inputs: torch.Tensor | Itera
         if name:
             pname = name.rpartition(".")[0]
             parents[name] = modules[pname]
+    structural = _structural_candidates(modules, parents, kinds)
+    stats = _measure_candidates(model, modules, structural, batches)
+    out: list[RemovableBlock] = []
+    for n, kind in structural.items():
+        s = stats[n]
+        if len(s["shapes"]) != 1 or s["n"] == 0:
+            continue  # never called, shapes differ, or shapes changed between batches
+        (in_shape, out_shape), = s["shapes"]
+        if in_shape != out_shape:
+            continue
+        companions = _plain_companions(n, parents[n]) if kind == "plain" else ()
+        out.append(RemovableBlock(name=n, kind=kind, cls=type(modules[n]).__name__, shape=tuple(in_shape[1:]),
+                                  divergence=s["div"] / s["n"], input_nonnegative=bool(s["nonneg"]),
+                                  companions=companions))
+    return out
+
+
+def _structural_candidates(modules: dict[str, nn.Module], parents: dict[str, nn.Module | None],
+                           kinds: Sequence[str]) -> dict[str, str]:
+    """``{name: kind}`` of the candidates by structure alone, in module order, none nested in another."""
     structural: dict[str, str] = {}
     for name, m in modules.items():
         if not name:
@@ -146,8 +164,17 @@ def find_removable_blocks(model: nn.Module, example_inputs: torch.Tensor | Itera
         if kind is not None and kind in kinds:
             structural[name] = kind
     # drop candidates nested in another candidate
-    structural = {n: k for n, k in structural.items()
-                  if not any(n.startswith(o + ".") for o in structural if o != n)}
+    return {n: k for n, k in structural.items()
+            if not any(n.startswith(o + ".") for o in structural if o != n)}
+
+
+def _measure_candidates(model: nn.Module, modules: dict[str, nn.Module], structural: dict[str, str],
+                        batches: list[torch.Tensor]) -> dict[str, dict]:
+    """Run ``batches`` through ``model`` (eval mode, hooks removed after) and record, per candidate,
+    the ``(input, output)`` shapes seen, the summed divergence ``div`` over ``n`` samples and
+    whether every input was ``>= 0`` (``nonneg``)."""
+    from flowprune.measure import eval_mode
+
     stats: dict[str, dict] = {n: {"shapes": set(), "div": 0.0, "n": 0, "nonneg": True} for n in structural}
 
     def make_hook(n: str):
@@ -177,27 +204,18 @@ def find_removable_blocks(model: nn.Module, example_inputs: torch.Tensor | Itera
     finally:
         for h in handles:
             h.remove()
-    out: list[RemovableBlock] = []
-    for n, kind in structural.items():
-        s = stats[n]
-        if len(s["shapes"]) != 1 or s["n"] == 0:
-            continue  # never called, shapes differ, or shapes changed between batches
-        (in_shape, out_shape), = s["shapes"]
-        if in_shape != out_shape:
-            continue
-        companions: tuple[str, ...] = ()
-        if kind == "plain":
-            parent = parents[n]
-            keys = list(parent._modules)
-            child = n.rpartition(".")[2]
-            i = keys.index(child)
-            if i + 1 < len(keys) and isinstance(parent._modules[keys[i + 1]], nn.modules.batchnorm._BatchNorm):
-                pn = n.rpartition(".")[0]
-                companions = (f"{pn}.{keys[i + 1]}" if pn else keys[i + 1],)
-        out.append(RemovableBlock(name=n, kind=kind, cls=type(modules[n]).__name__, shape=tuple(in_shape[1:]),
-                                  divergence=s["div"] / s["n"], input_nonnegative=bool(s["nonneg"]),
-                                  companions=companions))
-    return out
+    return stats
+
+
+def _plain_companions(name: str, parent: nn.Module) -> tuple[str, ...]:
+    """The BatchNorm right after plain layer ``name`` in its ``Sequential`` (removed with it), if any."""
+    keys = list(parent._modules)
+    child = name.rpartition(".")[2]
+    i = keys.index(child)
+    if i + 1 < len(keys) and isinstance(parent._modules[keys[i + 1]], nn.modules.batchnorm._BatchNorm):
+        pn = name.rpartition(".")[0]
+        return (f"{pn}.{keys[i + 1]}" if pn else keys[i + 1],)
+    return ()
 
 
 def rank_blocks(blocks: Sequence[RemovableBlock]) -> list[RemovableBlock]:
