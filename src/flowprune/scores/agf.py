@@ -98,15 +98,7 @@ class AGF(Score):
             for m, where in members:
                 keys.setdefault((m.module_name, where), [])
         acc = _FeatureSums(absolute=o["abs_mode"] == "elementwise", center=o["center"])
-        handles = []
-        for (name, where), store in keys.items():
-            lay = layout[name]
-            if where == "input":
-                handles.append(mods[name].register_forward_pre_hook(
-                    lambda _m, a, s=store, k=lay: s.append(acc.capture(a[0], k))))
-            else:
-                handles.append(mods[name].register_forward_hook(
-                    lambda _m, _a, out, s=store, k=lay: s.append(acc.capture(out, k))))
+        handles = _capture_hooks(mods, keys, layout, acc)
         totals = {u.name: torch.zeros(u.size, dtype=torch.float64) for u in units}
         params = [p for p in work.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=float(o["trajectory_lr"])) if trajectory else None
@@ -123,37 +115,9 @@ class AGF(Score):
                     for s in keys.values():
                         s.clear()
                     acc.reset()
-                    x, y = x.to(dev), y.to(dev)
-                    leaf = x.is_floating_point()
-                    if leaf:  # backward runs down to the input: every feature's hook fires on the way
-                        x = x.detach().requires_grad_(True)
-                    loss = cross_entropy_sum(work(x), y)
-                    # frozen: backward stops at the earliest features (no captured feature lies below them):
-                    # it passes through every captured feature and differentiates nothing below (the stem)
-                    wanted = acc.roots() if frozen else ([x] if leaf else []) + params
-                    if not wanted or not loss.requires_grad:
-                        raise FlowpruneError("agf: the loss does not depend on any input or parameter that can "
-                                             "carry a gradient")
-                    grads = torch.autograd.grad(loss, wanted, allow_unused=True)
-                    pgrads = () if frozen else grads[len(wanted) - len(params):]  # weight gradients (trajectory)
-                    del grads, loss, wanted
+                    x, pgrads = _backward_batch(work, x, y, dev, acc, params, frozen)
                     bsz = x.shape[0]
-                    for u in units:
-                        u_acc = torch.zeros(bsz, u.size, dtype=torch.float64, device=dev)
-                        seen: set[int] = set()
-                        for m, where in plan[u.name]:
-                            for key in keys[(m.module_name, where)]:
-                                per = acc.sums.get((key, layout[m.module_name]))
-                                if per is None or key in seen:
-                                    continue
-                                seen.add(key)
-                                per = per.double()
-                                part = torch.zeros(bsz, u.size, dtype=torch.float64, device=dev)
-                                part.index_add_(1, m.root_idxs.to(dev), per[:, m.idxs.to(dev)])
-                                u_acc += part.abs() if o["abs_mode"] == "after_sum" else part
-                        if o["abs_mode"] == "squared":
-                            u_acc = u_acc ** 2
-                        totals[u.name] += u_acc.mean(0).cpu()
+                    _add_unit_sums(units, plan, keys, layout, acc, totals, bsz, dev, o["abs_mode"])
                     if trajectory:
                         with torch.no_grad():
                             for p, g in zip(params, pgrads):
@@ -168,6 +132,65 @@ class AGF(Score):
                 s.clear()
             acc.reset()
         return {k: (v / max(1, len(batches))).float() for k, v in totals.items()}
+
+
+def _capture_hooks(mods: dict[str, nn.Module], keys: dict[tuple[str, str], list[int]], layout: dict[str, str],
+                   acc: _FeatureSums) -> list:
+    """Forward (pre-)hooks that hand each ``(module, "input"/"output")`` feature to ``acc.capture`` and
+    append its key to ``keys[(module, where)]``; returns the hook handles."""
+    handles = []
+    for (name, where), store in keys.items():
+        lay = layout[name]
+        if where == "input":
+            handles.append(mods[name].register_forward_pre_hook(
+                lambda _m, a, s=store, k=lay: s.append(acc.capture(a[0], k))))
+        else:
+            handles.append(mods[name].register_forward_hook(
+                lambda _m, _a, out, s=store, k=lay: s.append(acc.capture(out, k))))
+    return handles
+
+
+def _backward_batch(work: nn.Module, x: torch.Tensor, y: torch.Tensor, dev, acc: _FeatureSums, params: list,
+                    frozen: bool) -> tuple[torch.Tensor, tuple]:
+    """One forward and backward of the summed cross-entropy on ``(x, y)``: the feature hooks fill
+    ``acc.sums``. Returns the input as run (on ``dev``) and the weight gradients (empty when frozen)."""
+    x, y = x.to(dev), y.to(dev)
+    leaf = x.is_floating_point()
+    if leaf:  # backward runs down to the input: every feature's hook fires on the way
+        x = x.detach().requires_grad_(True)
+    loss = cross_entropy_sum(work(x), y)
+    # frozen: backward stops at the earliest features (no captured feature lies below them):
+    # it passes through every captured feature and differentiates nothing below (the stem)
+    wanted = acc.roots() if frozen else ([x] if leaf else []) + params
+    if not wanted or not loss.requires_grad:
+        raise FlowpruneError("agf: the loss does not depend on any input or parameter that can "
+                             "carry a gradient")
+    grads = torch.autograd.grad(loss, wanted, allow_unused=True)
+    pgrads = () if frozen else grads[len(wanted) - len(params):]  # weight gradients (trajectory)
+    del grads, loss, wanted
+    return x, pgrads
+
+
+def _add_unit_sums(units: list, plan: dict, keys: dict[tuple[str, str], list[int]], layout: dict[str, str],
+                   acc: _FeatureSums, totals: dict[str, torch.Tensor], bsz: int, dev, abs_mode: str) -> None:
+    """Add this batch's per-unit utility (the batch mean, float64, on the CPU) to ``totals``: each
+    distinct feature tensor of a unit counts once, its (B, C) sums mapped onto the unit's indices."""
+    for u in units:
+        u_acc = torch.zeros(bsz, u.size, dtype=torch.float64, device=dev)
+        seen: set[int] = set()
+        for m, where in plan[u.name]:
+            for key in keys[(m.module_name, where)]:
+                per = acc.sums.get((key, layout[m.module_name]))
+                if per is None or key in seen:
+                    continue
+                seen.add(key)
+                per = per.double()
+                part = torch.zeros(bsz, u.size, dtype=torch.float64, device=dev)
+                part.index_add_(1, m.root_idxs.to(dev), per[:, m.idxs.to(dev)])
+                u_acc += part.abs() if abs_mode == "after_sum" else part
+        if abs_mode == "squared":
+            u_acc = u_acc ** 2
+        totals[u.name] += u_acc.mean(0).cpu()
 
 
 def _layout(module: nn.Module) -> str:
