@@ -62,7 +62,7 @@ class RunState:
                                  "fresh checkpoint directory") from None
         if not isinstance(state, dict) or state.get("config") != self.config:
             raise FlowpruneError(f"checkpoint {self.file} was written by a {self.procedure} run with other "
-                                 "settings; use a fresh checkpoint directory or the same arguments")
+                                 "arguments (other settings); use a fresh checkpoint directory or the same arguments")
         return state
 
     def save(self, state: dict, model=None, *, model_name: str = "model", metadata: dict | None = None) -> None:

@@ -1,0 +1,79 @@
+"""The one cut step every procedure takes: plan -> compensate -> cut, and the reachability check.
+
+``prune`` (every step of its schedule), ``compare`` (every flowprune method) and ``idap`` (every
+stage-1 step) call :func:`plan_and_cut` with scores they computed; BatchNorm re-estimation
+(:func:`flowprune.train.reestimate_bn`) follows it where the procedure wants it, after it has
+measured the accuracy of the bare cut. :func:`check_reachable` is the one check that a MACs
+target can be met at all, run before any scoring.
+
+Layering: this module sits above :mod:`flowprune.plan`, :mod:`flowprune.cut` and
+:mod:`flowprune.compensate`, and below the procedures (:mod:`flowprune.pruning`, :mod:`flowprune.compare`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from flowprune.errors import FlowpruneError
+
+
+@dataclass
+class CutStep:
+    """What one cut step produced: the cut ``model``, the ``plan`` and the compensated consumers."""
+
+    model: nn.Module
+    plan: dict
+    compensated: list[str] = field(default_factory=list)
+
+    @property
+    def note(self) -> str:
+        return getattr(self.plan, "note", "")
+
+    @property
+    def widths(self) -> dict[str, int]:
+        return dict(getattr(self.plan, "widths", {}) or {})
+
+
+def plan_and_cut(model: nn.Module, units, scores: dict, calib: Sequence[tuple[torch.Tensor, torch.Tensor]], *,
+                 example: torch.Tensor, compensate: bool = True, macs_model=None, **plan_kw) -> CutStep:
+    """Plan the cuts of ``units`` from ``scores``, fold the removed means in, and cut.
+
+    ``plan_kw`` goes to :func:`flowprune.plan.plan_cuts` (``target_macs``, ``ratio`` or ``width``,
+    ``budget``, ``normalize``, ``min_width``, ``round_to``). With ``compensate`` the calibration
+    mean of every removed channel is folded into its consumers' biases first
+    (:mod:`flowprune.compensate`): this **changes ``model``'s consumer biases in place**, so pass a
+    model you own (a procedure's working copy). The cut model is a new module; with a verified
+    MACs target and no compensation it is the plan's own cut copy.
+    """
+    from flowprune.cut import apply_cuts
+    from flowprune.plan import plan_cuts
+
+    plan = plan_cuts(model, units, scores, example_inputs=example, macs_model=macs_model, **plan_kw)
+    compensated: list[str] = []
+    if compensate:
+        from flowprune.compensate import compensate_means, consumer_input_means
+
+        compensated = compensate_means(model, units, plan, consumer_input_means(model, units, calib))
+    cut = getattr(plan, "cut_model", None)
+    if cut is None or compensated:  # the verified cut copy predates the compensation: cut again
+        cut = apply_cuts(model, plan, example_inputs=example)
+    return CutStep(model=cut, plan=plan, compensated=compensated)
+
+
+def check_reachable(macs_model, units, target: float, min_width: int = 1, round_to: int = 1, *,
+                    what: str = "target_macs", slack: float = 1.03) -> float:
+    """Raise if ``target`` x fewer MACs cannot be reached with every unit at ``min_width``.
+
+    Returns the largest reachable reduction. ``slack`` tolerates the planner's 3% rounding.
+    """
+    from flowprune.plan import max_reduction
+
+    reach = max_reduction(macs_model, units, min_width, round_to)
+    if reach * slack < target:
+        raise FlowpruneError(f"{what} {target:g}x cannot be reached: with every unit at min_width={min_width} "
+                             f"the model has {reach:.2f}x fewer MACs at most; allowed: 1 < {what} <= {reach:.2f}")
+    return reach
