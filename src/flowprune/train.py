@@ -131,48 +131,25 @@ def fit(model: nn.Module, data: DataSplits | TensorBatchLoader, config: TrainCon
         raise FlowpruneError(f"batch_size {cfg.batch_size} cannot be split over {world} processes; use a batch size "
                              f">= {world} or start fewer processes")
     model.to(dev)
-    if isinstance(data, DataSplits):
-        loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=cfg.augment,
-                             drop_last=len(data.train) > cfg.batch_size)
-        if val_data is None and len(data.val) > 0:
-            val_data = make_loader(data.val, 512)
-    else:
-        loader = data
+    loader, val_data = _train_loaders(data, cfg, val_data)
     steps_per_epoch = len(loader) if max_batches_per_epoch is None else min(len(loader), max_batches_per_epoch)
     if steps_per_epoch == 0:
         raise FlowpruneError("the training data is empty; nothing to train on")
     opt = make_optimizer(model.parameters(), cfg)
-    total = cfg.epochs * steps_per_epoch
-    if cfg.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    else:
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    sched = _make_scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
     history: dict = {"config": asdict(cfg), "epochs": [], "stopped_early": False}
     start_epoch = 0
     ckpt_path = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir is not None else None
     if ckpt_path is not None:
         ckpt_path.parent.mkdir(parents=True, exist_ok=True)
         if resume and ckpt_path.exists():
-            # weights_only=True: the unpickler only builds tensors and plain containers, no code.
-            state = torch.load(ckpt_path, map_location=dev, weights_only=True)
-            if state.get("config") != asdict(cfg):
-                raise FlowpruneError(f"checkpoint {ckpt_path} was written with another training config; "
-                                     "use a fresh --out directory or pass resume=False")
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            start_epoch = int(state["epoch"])
-            history = state["history"]
+            start_epoch, history = _load_checkpoint(ckpt_path, model, opt, sched, cfg, dev)
     show = sys.stderr.isatty() if progress is None else progress
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
         tqdm = None
-    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
-    if scaler is not None and ckpt_path is not None and start_epoch > 0:
-        sstate = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("scaler")
-        if sstate:
-            scaler.load_state_dict(sstate)
+    scaler = _make_scaler(amp, ckpt_path if start_epoch > 0 else None)
     net = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -190,6 +167,52 @@ def fit(model: nn.Module, data: DataSplits | TensorBatchLoader, config: TrainCon
         distributed.broadcast_module(model)  # buffers (BN statistics) too: one model on every rank
     model.eval()
     return history
+
+
+def _train_loaders(data: DataSplits | TensorBatchLoader, cfg: TrainConfig,
+                   val_data: Iterable | None) -> tuple[Iterable, Iterable | None]:
+    """The training loader (shuffled and augmented per ``cfg`` for a :class:`DataSplits`, else
+    ``data`` itself) and the validation batches (default: ``data.val`` when it is not empty)."""
+    if isinstance(data, DataSplits):
+        loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=cfg.augment,
+                             drop_last=len(data.train) > cfg.batch_size)
+        if val_data is None and len(data.val) > 0:
+            val_data = make_loader(data.val, 512)
+    else:
+        loader = data
+    return loader, val_data
+
+
+def _make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total: int):
+    """Per-step learning-rate schedule over ``total`` steps: cosine to 0, or constant."""
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+
+def _load_checkpoint(ckpt_path: Path, model: nn.Module, opt, sched, cfg: TrainConfig, dev) -> tuple[int, dict]:
+    """Restore model, optimizer and scheduler from ``ckpt_path`` (written with the same ``cfg``, else
+    FlowpruneError); returns ``(finished epochs, history)``."""
+    # weights_only=True: the unpickler only builds tensors and plain containers, no code.
+    state = torch.load(ckpt_path, map_location=dev, weights_only=True)
+    if state.get("config") != asdict(cfg):
+        raise FlowpruneError(f"checkpoint {ckpt_path} was written with another training config; "
+                             "use a fresh --out directory or pass resume=False")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    return int(state["epoch"]), state["history"]
+
+
+def _make_scaler(amp: str, ckpt_path: Path | None):
+    """fp16's ``GradScaler`` (None for other precisions); with ``ckpt_path`` (a resumed run), the
+    scaler state saved in that checkpoint."""
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+    if scaler is not None and ckpt_path is not None:
+        sstate = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("scaler")
+        if sstate:
+            scaler.load_state_dict(sstate)
+    return scaler
 
 
 def _run_epochs(model, loader, cfg, opt, sched, history, start_epoch, steps_per_epoch, dev, show, tqdm,
