@@ -168,7 +168,7 @@ def test_cli_compare_from_checkpoint(dense_mlp_dir, tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--methods", "agf,nope"], "unknown method 'nope'"),
     (["--targets", "1000x"], "cannot be reached"),
-    (["--targets", "0.5x"], "above 1"),
+    (["--targets", "0.5x"], "reduction factor > 1"),
     (["--seeds", "0"], "--seeds"),
     (["--tp-mode", "sideways"], "tp-mode"),
 ])

@@ -45,31 +45,38 @@ again with the same ``out_dir`` and configuration skips the finished runs (resum
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from flowprune.config import ProcedureConfig, ProcedureResult
 from flowprune.data import DataSplits, make_loader
 from flowprune.errors import FlowpruneError, bad_choice, check_positive_int
 from flowprune.measure import accuracy, count_macs_params, latency, throughput
+from flowprune.plan import parse_target
+from flowprune.procedures import CutContext, get_procedure, list_procedures
+from flowprune.procedures.torch_pruning import (  # noqa: F401 -- public names kept where they were
+    TP_METHODS,
+    TP_MODE_METHODS,
+    TP_MODES,
+    accumulate_gradients,
+    split_tp_method,
+    tp_importance,
+    tp_prune_to_target,
+)
+from flowprune.procedures.torch_pruning import classifier as _classifier
 from flowprune.report import format_table, write_results
 from flowprune.train import TrainConfig, fit, reestimate_bn
 
 FLOWPRUNE_METHODS = ("agf", "taylor", "l1", "l2", "bn_scale", "wanda", "ria", "random")
-TP_METHODS = ("tp-magnitude", "tp-l1", "tp-taylor", "tp-bn-scale", "tp-random")
-# "<tp method>-global" / "-uniform": the same importance with Torch-Pruning's ranking mode fixed
-# (the plain names follow ``tp_mode``), so one comparison can hold the best of both modes
-TP_MODE_METHODS = tuple(f"{m}-{mode}" for m in TP_METHODS for mode in ("global", "uniform"))
-TP_MODES = ("auto", "uniform", "global")
 DEFAULT_METHODS = ("agf", "l1", "taylor", "wanda", "random", "tp-magnitude", "tp-taylor")
 STAGES = ("acc_raw", "acc_bn", "acc_ft")
 # the configuration entries that change a finished run (a resumed comparison must agree on these)
@@ -82,42 +89,12 @@ RUN_KEYS = ("finetune_epochs", "finetune_lr", "finetune_batches", "calib_batches
 # ----------------------------------------------------------------------------------------------
 
 def available_methods() -> list[str]:
-    """Every method name :func:`compare` accepts: the flowprune score registry plus ``tp-*``."""
-    names = list(FLOWPRUNE_METHODS)
-    try:  # the registry is the truth when it is there
-        from flowprune import scores as _scores
+    """Every method name :func:`compare` accepts: every registered procedure (:mod:`flowprune.procedures`).
 
-        reg = getattr(_scores, "available_scores", None) or getattr(_scores, "list_scores", None)
-        if callable(reg):
-            names = list(reg())
-        elif isinstance(getattr(_scores, "SCORES", None), dict):
-            names = list(_scores.SCORES)
-    except Exception:  # noqa: BLE001 - scores package not importable yet: fall back to the contract
-        pass
-    return names + list(TP_METHODS) + list(TP_MODE_METHODS)
-
-
-def split_tp_method(method: str, default_mode: str) -> tuple[str, str]:
-    """``"tp-taylor-global"`` -> ``("tp-taylor", "global")``; a plain ``tp-*`` name keeps ``default_mode``."""
-    for mode in ("global", "uniform"):
-        if method.endswith("-" + mode) and method[: -len(mode) - 1] in TP_METHODS:
-            return method[: -len(mode) - 1], mode
-    return method, default_mode
-
-
-def parse_target(value: object) -> float:
-    """A MACs reduction factor from ``4``, ``4.0``, ``"4"`` or ``"4x"``; must be a finite number > 1."""
-    raw = value
-    if isinstance(value, str):
-        s = value.strip().lower()
-        s = s[:-1] if s.endswith("x") else s
-        try:
-            value = float(s)
-        except ValueError:
-            raise FlowpruneError(f"target {raw!r} is not a MACs reduction; write it like 2x, 4x or 8.5x") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 1:
-        raise FlowpruneError(f"target must be a MACs reduction factor above 1 (e.g. 2x, 4x), got {raw!r}")
-    return float(value)
+    That is one method per registered score, Torch-Pruning's ``tp-*`` methods, and every
+    procedure registered with ``@register_procedure``.
+    """
+    return list_procedures()
 
 
 def parse_methods(methods: str | Sequence[str]) -> list[str]:
@@ -145,226 +122,124 @@ def _seed_list(seeds: int | Sequence[int]) -> list[int]:
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Torch-Pruning anchors
-# ----------------------------------------------------------------------------------------------
-
-def tp_importance(method: str):
-    """The Torch-Pruning 1.6.1 importance object behind a ``tp-*`` method name."""
-    import torch_pruning as tp
-
-    imp = tp.importance
-    table: dict[str, Callable] = {
-        "tp-magnitude": lambda: imp.GroupMagnitudeImportance(p=2),
-        "tp-l1": lambda: imp.GroupMagnitudeImportance(p=1),
-        "tp-taylor": lambda: imp.GroupTaylorImportance(),
-        "tp-bn-scale": lambda: imp.BNScaleImportance(),
-        "tp-random": lambda: imp.RandomImportance(),
-    }
-    if method not in table:
-        raise bad_choice("Torch-Pruning method", method, table)
-    return table[method]()
-
-
-def _classifier(model: nn.Module) -> nn.Module | None:
-    last = None
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            last = m
-    return last
-
-
-def accumulate_gradients(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Sum the cross-entropy gradients of ``batches`` into ``model``'s ``.grad`` (eval mode, in place).
-
-    Eval mode (BatchNorm uses running statistics, dropout off) is the same frozen-network reading
-    AGF calibration uses, so both criteria see the same network.
-    """
-    was = model.training
-    model.eval()
-    model.zero_grad(set_to_none=True)
-    dev = next(model.parameters()).device
-    for x, y in batches:
-        loss = nn.functional.cross_entropy(model(x.to(dev)), y.to(dev))
-        loss.backward()
-    model.train(was)
-
-
-def _copy_with_grads(model: nn.Module) -> nn.Module:
-    new = copy.deepcopy(model)  # deepcopy does not copy .grad
-    for p, q in zip(model.parameters(), new.parameters()):
-        q.grad = None if p.grad is None else p.grad.detach().clone()
-    return new
-
-
-def tp_prune_to_target(model: nn.Module, method: str, target: float, *, input_shape: Sequence[int],
-                       batches: Sequence[tuple[torch.Tensor, torch.Tensor]] = (), tol: float = 0.03,
-                       mode: str = "auto", round_to: int | None = None, max_pruning_ratio: float = 0.95,
-                       max_trials: int = 12, seed: int = 0, cache: dict | None = None,
-                       importance=None) -> tuple[nn.Module, dict]:
-    """Prune a copy of ``model`` with Torch-Pruning's ``MetaPruner`` to ``target`` x fewer MACs.
-
-    The pruning ratio is searched until ``|achieved / target - 1| <= tol`` (bracketing
-    interpolation of log reduction against ``-log(1 - ratio)``; the reduction grows with the
-    ratio). ``cache`` (a dict shared across calls) remembers ratios found and targets the uniform
-    ratio cannot reach, to save trials. ``mode``: ``uniform`` (one ratio per layer,
-    Torch-Pruning's default), ``global`` (global ranking) or ``auto`` (uniform, then global if
-    uniform cannot land within ``tol``). The classifier is never pruned. ``tp-taylor`` uses
-    gradients summed over ``batches``. The caller's model is not changed. ``importance``: a
-    Torch-Pruning importance object to use instead of the one ``method`` names (e.g. a flowprune
-    score's ``as_tp_importance(...)``; it is reused across trials, so its cache is too).
-
-    Returns:
-        ``(pruned_model, info)`` with ``info = {"mode", "ratio", "achieved", "within_tol", "trials"}``.
-    """
-    import torch_pruning as tp
-
-    if mode not in TP_MODES:
-        raise bad_choice("tp_mode", mode, TP_MODES)
-    base = copy.deepcopy(model).eval()
-    if method == "tp-taylor" and importance is None:
-        if not batches:
-            raise FlowpruneError("tp-taylor needs calibration batches for its gradients")
-        accumulate_gradients(base, batches)
-    dense_macs, _ = count_macs_params(base, input_shape)
-    fc = _classifier(base)
-    example = torch.randn(1, *input_shape, device=next(base.parameters()).device)
-
-    def trial(ratio: float, global_pruning: bool) -> tuple[nn.Module, float]:
-        m = _copy_with_grads(base)
-        names = dict(base.named_modules())
-        ignored = [dict(m.named_modules())[n] for n, mod in names.items() if mod is fc] if fc is not None else []
-        torch.manual_seed(seed)  # tp-random
-        imp = importance if importance is not None else tp_importance(method)
-        pruner = tp.pruner.MetaPruner(m, example, importance=imp, global_pruning=global_pruning,
-                                      pruning_ratio=ratio, max_pruning_ratio=max_pruning_ratio,
-                                      ignored_layers=ignored, round_to=round_to)
-        pruner.step()
-        m.zero_grad(set_to_none=True)
-        macs, _ = count_macs_params(m, input_shape)
-        return m, dense_macs / max(macs, 1)
-
-    cache = cache if cache is not None else {}
-    best: tuple[float, nn.Module, dict] | None = None
-    trials = 0
-    modes = (False, True) if mode == "auto" else ((mode == "global"),)
-    for global_pruning in modes:
-        mkey = ("global" if global_pruning else "uniform", round(target, 6))
-        if mode == "auto" and not global_pruning and cache.get(mkey) == "unreachable":
-            continue  # an earlier search showed the uniform ratio jumps over this target
-        lo: tuple[float, float] | None = None  # (ratio, reduction) below the target
-        hi: tuple[float, float] | None = None  # above it
-        ratio = cache.get(mkey) if isinstance(cache.get(mkey), float) else None
-        if ratio is None:
-            ratio = 1.0 - 1.0 / math.sqrt(target)  # exact for a uniform cut of every layer, MACs ~ width^2
-        ratio = min(max(ratio, 1e-3), max_pruning_ratio)
-        reached = False
-        for _ in range(max_trials):
-            trials += 1
-            m, red = trial(ratio, global_pruning)
-            err = abs(red / target - 1.0)
-            info = {"mode": mkey[0], "ratio": ratio, "achieved": red, "within_tol": err <= tol}
-            if best is None or err < best[0]:
-                best = (err, m, info)
-            if err <= tol:
-                cache[mkey] = ratio
-                reached = True
-                break
-            if red < target:
-                lo = (ratio, red) if lo is None or ratio > lo[0] else lo
-            else:
-                hi = (ratio, red) if hi is None or ratio < hi[0] else hi
-            # interpolate in u = -log(1 - ratio) against log(reduction) (MACs ~ exp(-2u) for a uniform cut)
-            u = -math.log(1.0 - ratio)
-            if lo is not None and hi is not None:
-                if hi[0] - lo[0] < 2e-3:
-                    break  # the reachable points jump over the target
-                ul, uh = -math.log(1.0 - lo[0]), -math.log(1.0 - hi[0])
-                dl, dh = math.log(lo[1]), math.log(max(hi[1], lo[1] * (1 + 1e-9)))
-                frac = (math.log(target) - dl) / (dh - dl) if dh > dl else 0.5
-                frac = min(max(frac, 0.1), 0.9)  # stay inside the bracket, keep shrinking it
-                u_new = ul + frac * (uh - ul)
-            else:
-                u_new = u + 0.5 * math.log(target / red)
-            ratio = min(max(1.0 - math.exp(-u_new), 1e-3), max_pruning_ratio)
-            if hi is None and lo is not None and ratio <= lo[0]:
-                ratio = min(lo[0] + 0.5 * (max_pruning_ratio - lo[0]), max_pruning_ratio)
-            if lo is not None and hi is None and lo[0] >= max_pruning_ratio:
-                break  # even the largest ratio does not reach the target
-        if reached:
-            break
-        if not global_pruning:
-            cache[mkey] = "unreachable"
-    assert best is not None
-    _, pruned, info = best
-    info["trials"] = trials
-    pruned.flowprune_base = getattr(model, "flowprune_base", None)
-    return pruned.eval(), info
-
-
-# ----------------------------------------------------------------------------------------------
-# flowprune methods (the engine is flowprune.units / scores / plan / pruning.structural)
-# ----------------------------------------------------------------------------------------------
-
-def _make_score(method: str, seed: int, options: dict | None):
-    from flowprune.scores import get_score
-
-    opts = dict(options or {})
-    try:
-        params = inspect.signature(get_score).parameters
-        accepts_kw = any(p.kind is p.VAR_KEYWORD for p in params.values()) or "seed" in params
-    except (TypeError, ValueError):
-        accepts_kw = True
-    if method == "random" and accepts_kw and "seed" not in opts:
-        opts["seed"] = seed
-    try:
-        return get_score(method, **opts)
-    except TypeError:
-        opts.pop("seed", None)
-        return get_score(method, **opts)
-
-
 def flowprune_one_shot(model: nn.Module, method: str, target: float, *, input_shape: Sequence[int],
                        batches: Sequence[tuple[torch.Tensor, torch.Tensor]], seed: int = 0,
                        plan_options: dict | None = None, score_options: dict | None = None,
                        compensate: bool | None = None) -> tuple[nn.Module, dict, dict]:
     """Score, plan and cut a copy of ``model`` once to ``target`` x fewer MACs with a flowprune score.
 
-    The plan uses ``flowprune.prune``'s defaults (``DEFAULT_BUDGET``, ``DEFAULT_NORMALIZE``) unless
-    ``plan_options`` says otherwise; ``compensate`` (default ``DEFAULT_COMPENSATE``) folds the removed
-    channels' calibration means into their consumers' biases before the cut (:mod:`flowprune.compensate`).
-
-    Returns ``(pruned, cuts, info)``: ``cuts = {unit name: removed indices}`` in the dense unit's
-    index space (used for the Jaccard overlap) and ``info = {"achieved": reduction}``.
+    Kept for callers of the earlier API: it is the ``method`` procedure of
+    :mod:`flowprune.procedures.scored`. Returns ``(pruned, cuts, info)``.
     """
-    from flowprune.plan import plan_cuts
-    from flowprune.pruning.structural import DEFAULT_BUDGET, DEFAULT_COMPENSATE, DEFAULT_NORMALIZE, apply_cuts
-    from flowprune.units import find_units
+    ctx = CutContext(input_shape=tuple(input_shape), batches=list(batches), seed=seed,
+                     plan_options=dict(plan_options or {}), score_options=dict(score_options or {}),
+                     compensate=compensate)
+    out = get_procedure(method).cut(model, target, ctx)
+    return out.model, out.cuts or {}, out.info
 
-    po = {"budget": DEFAULT_BUDGET, "normalize": DEFAULT_NORMALIZE, **(plan_options or {})}
-    compensate = DEFAULT_COMPENSATE if compensate is None else compensate
-    work = copy.deepcopy(model).eval()
-    dev = next(work.parameters()).device
-    example = torch.randn(1, *input_shape, device=dev)
-    units = find_units(work, example)  # found on this copy: units hold references to its modules
-    torch.manual_seed(seed)
-    scorer = _make_score(method, seed, (score_options or {}).get(method))
-    scores = scorer(work, units, list(batches))
-    cuts = plan_cuts(work, units, scores, example_inputs=example, target_macs=target, **po)
-    compensated = []
-    if compensate:
-        from flowprune.compensate import compensate_means, consumer_input_means
 
-        compensated = compensate_means(work, units, cuts, consumer_input_means(work, units, batches))
-    # the plan's verified cut copy predates the compensation: cut the compensated model again
-    pruned = cuts.cut_model if cuts.cut_model is not None and not compensated else apply_cuts(work, cuts,
-                                                                                              example_inputs=example)
-    pruned.flowprune_base = getattr(model, "flowprune_base", None)
-    cuts_json = {k: [int(i) for i in (v.tolist() if hasattr(v, "tolist") else v)] for k, v in cuts.items()}
-    info = {"plan_note": getattr(cuts, "note", ""), "widths": dict(getattr(cuts, "widths", {}) or {}),
-            "compensated": compensated}
-    return pruned.eval(), cuts_json, info
+@dataclass
+class CompareConfig(ProcedureConfig):
+    """What :func:`compare` computes (see :func:`compare` for each field)."""
 
+    methods: str | Sequence[str] = DEFAULT_METHODS
+    targets: Sequence[float | str] = (2.0, 4.0, 8.0, 16.0)
+    seeds: int | Sequence[int] = 3
+    finetune_epochs: int = 1
+    finetune_lr: float = 0.01
+    finetune_batches: int | None = None
+    calib_batches: int = 10
+    calib_batch_size: int = 64
+    dense_config: TrainConfig | None = None
+    scratch_epochs: int | None = None
+    scratch_from: str = "agf"
+    scratch_targets: Sequence[float | str] | None = None
+    scratch_seeds: int | None = None
+    plan_options: dict | None = None
+    score_options: dict | None = None
+    tp_mode: str = "auto"
+    tol: float = 0.03
+    round_to: int | None = None
+    measure_speed: bool = True
+    speed_repeats: int = 20
+    speed_batch: int = 256
+    compensate: bool | None = None
+
+    def validate(self) -> CompareConfig:
+        """Check every field; methods, targets and seeds become lists, the dense recipe a TrainConfig."""
+        self.methods = parse_methods(self.methods)
+        self.targets = [parse_target(t) for t in self.targets]
+        if not self.targets:
+            raise FlowpruneError("targets is empty; give at least one MACs reduction such as 4x")
+        self.seeds = _seed_list(self.seeds)
+        if isinstance(self.finetune_epochs, bool) or not isinstance(self.finetune_epochs, int) or self.finetune_epochs < 0:
+            raise FlowpruneError(f"finetune_epochs must be an integer >= 0, got {self.finetune_epochs!r}")
+        check_positive_int("calib_batches", self.calib_batches)
+        check_positive_int("calib_batch_size", self.calib_batch_size)
+        if self.finetune_batches is not None:
+            check_positive_int("finetune_batches", self.finetune_batches)
+        if self.tp_mode not in TP_MODES:
+            raise bad_choice("tp_mode", self.tp_mode, TP_MODES)
+        if not (0 < self.tol < 1):
+            raise FlowpruneError(f"tol must lie in (0, 1), got {self.tol!r}")
+        self.dense_config = (self.dense_config or TrainConfig()).validate()
+        if self.scratch_epochs is None:
+            self.scratch_epochs = self.dense_config.epochs
+        if int(self.scratch_epochs) < 0:
+            raise FlowpruneError(f"scratch_epochs must be >= 0, got {self.scratch_epochs!r}")
+        self.scratch_epochs = int(self.scratch_epochs)
+        self.scratch_targets = (list(self.targets) if self.scratch_targets is None
+                                else [parse_target(t) for t in self.scratch_targets])
+        if self.scratch_seeds is not None:
+            check_positive_int("scratch_seeds", self.scratch_seeds)
+        return self
+
+    @property
+    def do_scratch(self) -> bool:
+        return self.scratch_epochs > 0 and self.scratch_from in self.methods and not self.scratch_from.startswith("tp-")
+
+    def record(self, data: DataSplits, model_name: str | None) -> dict:
+        """The JSON record written to ``compare_config.json`` and ``results["config"]``."""
+        s_seeds = self.seeds if self.scratch_seeds is None else self.seeds[:self.scratch_seeds]
+        return {"methods": self.methods, "targets": self.targets, "seeds": self.seeds,
+                "finetune_epochs": self.finetune_epochs, "finetune_lr": self.finetune_lr,
+                "finetune_batches": self.finetune_batches, "calib_batches": self.calib_batches,
+                "calib_batch_size": self.calib_batch_size, "dense_config": asdict(self.dense_config),
+                "scratch_epochs": self.scratch_epochs, "scratch_from": self.scratch_from if self.do_scratch else None,
+                "scratch_targets": self.scratch_targets, "scratch_seeds": s_seeds,
+                "plan_options": self.plan_options or {}, "score_options": self.score_options or {},
+                "tp_mode": self.tp_mode, "tol": self.tol, "round_to": self.round_to, "data": data.name,
+                "model": model_name, "compensate": self.compensate, "torch_pruning_version": _tp_version()}
+
+
+@dataclass
+class CompareResult(ProcedureResult):
+    """What :func:`compare` returns; also readable as a dict (``res["summary"]``) as before."""
+
+    config: dict
+    dense: dict
+    runs: list[dict]
+    summary: list[dict]
+    jaccard: list[dict]
+    scratch: list[dict]
+    scratch_runs: list[dict]
+    table: str
+    torch_threads: int = field(default_factory=torch.get_num_threads)
+    model: None = None
+
+    def __getitem__(self, key: str):
+        if key == "model" or key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.__dataclass_fields__ and key != "model"
+
+    def keys(self) -> list[str]:
+        return [k for k in self.__dataclass_fields__ if k != "model"]
+
+    def get(self, key: str, default=None):
+        return self[key] if key in self else default
 
 # ----------------------------------------------------------------------------------------------
 # overlap, re-initialisation, statistics
@@ -446,25 +321,20 @@ def _run_key(method: str, target: float, seed: int) -> str:
     return f"{method}_{target:g}x_s{seed}"
 
 
-def compare(dense_model: nn.Module | Sequence[nn.Module], data: DataSplits, methods: str | Sequence[str] = DEFAULT_METHODS,
-            targets: Sequence[float | str] = (2.0, 4.0, 8.0, 16.0), seeds: int | Sequence[int] = 3, *,
-            finetune_epochs: int = 1, finetune_lr: float = 0.01, finetune_batches: int | None = None,
-            calib_batches: int = 10, calib_batch_size: int = 64, dense_config: TrainConfig | None = None,
-            scratch_epochs: int | None = None, scratch_from: str = "agf",
-            scratch_targets: Sequence[float | str] | None = None, scratch_seeds: int | None = None,
-            plan_options: dict | None = None, score_options: dict | None = None, tp_mode: str = "auto",
-            tol: float = 0.03, round_to: int | None = None, measure_speed: bool = True, speed_repeats: int = 20,
-            speed_batch: int = 256, out_dir: str | os.PathLike | None = None, resume: bool = True,
-            progress: bool | None = None, device: str | torch.device | None = None,
-            compensate: bool | None = None) -> dict:
+def compare(dense_model: nn.Module | Sequence[nn.Module], data: DataSplits,
+            config: CompareConfig | dict | str | Sequence[str] | None = None, *legacy,
+            out_dir: str | os.PathLike | None = None, resume: bool = True, progress: bool | None = None,
+            device: str | torch.device | None = None, **overrides) -> CompareResult:
     """Compare pruning methods from one dense model on equal work; returns (and writes) the results.
 
-    Args:
-        dense_model: the trained dense model every method starts from (never changed), or one
-            dense model per seed (a list as long as ``seeds``: seed i prunes dense model i, so the
-            spread over seeds covers dense training as well as calibration, the fair protocol).
-        data: the data set (calibration and fine-tuning on ``train``; accuracy on ``test``).
-        methods: names or a comma-separated string (see :func:`available_methods`).
+    Called like every procedure: ``compare(dense, data, config=None, **overrides)`` with a
+    :class:`CompareConfig` (or a dict of its fields) and/or its fields as keywords. For the earlier
+    call form a string or list of method names in the config position is ``methods``, and up to
+    two more positional arguments are ``targets`` and ``seeds``.
+
+    Config fields:
+        methods: names or a comma-separated string (see :func:`available_methods`: every registered
+            procedure, :mod:`flowprune.procedures`).
         targets: MACs reduction factors (``4``, ``"4x"``).
         seeds: a count (seeds 0..n-1) or a list. A seed picks the calibration batches, the
             random selections and the fine-tune batch order; every method sees the same ones.
@@ -486,230 +356,257 @@ def compare(dense_model: nn.Module | Sequence[nn.Module], data: DataSplits, meth
         tp_mode, tol, round_to: Torch-Pruning search (see :func:`tp_prune_to_target`).
         measure_speed: latency at batch 1 and throughput at ``speed_batch``, for the first seed
             of every method x target, with the dense model re-measured next to it (speed-up).
+
+    Run options:
+        dense_model: the trained dense model every method starts from (never changed), or one
+            dense model per seed (a list as long as ``seeds``: seed i prunes dense model i, so the
+            spread over seeds covers dense training as well as calibration, the fair protocol).
+        data: the data set (calibration and fine-tuning on ``train``; accuracy on ``test``).
         out_dir: writes ``results.json``, ``compare.md`` and one JSON per finished run (resume).
         device: where every run happens (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``; default: the
             dense model's device); the dense models are copied there.
 
     Returns:
-        ``{"config", "dense", "runs", "summary", "jaccard", "scratch", "table"}``; ``table`` is
-        the Markdown table that was printed/written.
+        a :class:`CompareResult`: ``config``, ``dense``, ``runs``, ``summary``, ``jaccard``,
+        ``scratch``, ``table`` (the Markdown table that was written), readable as a dict.
     """
-    # ---- validate everything before any work
-    method_list = parse_methods(methods)
-    target_list = [parse_target(t) for t in targets]
-    if not target_list:
-        raise FlowpruneError("targets is empty; give at least one MACs reduction such as 4x")
-    seed_list = _seed_list(seeds)
+    if isinstance(config, str) or (isinstance(config, Sequence) and not isinstance(config, dict)):
+        overrides = {"methods": config, **overrides}
+        config = None
+    if len(legacy) > 2:
+        raise FlowpruneError("compare takes at most two positional arguments after methods (targets, seeds)")
+    overrides.update(dict(zip(("targets", "seeds"), legacy)))
+    cfg = CompareConfig.resolve(config, overrides)
+    run = _CompareRun(dense_model, data, cfg, device=device, out_dir=out_dir, resume=resume)
+    runs = run.run_all(progress)
+    return run.finish(runs)
+
+
+def _dense_list(dense_model, n_seeds: int) -> list[nn.Module]:
     if isinstance(dense_model, nn.Module):
-        dense_models = [dense_model] * len(seed_list)
-    elif isinstance(dense_model, Sequence) and all(isinstance(m, nn.Module) for m in dense_model):
-        dense_models = list(dense_model)
-        if len(dense_models) != len(seed_list):
-            raise FlowpruneError(f"dense_model is a list of {len(dense_models)} models but there are "
-                                 f"{len(seed_list)} seeds; give one dense model per seed (or a single model)")
-    else:
-        raise FlowpruneError(f"dense_model must be a torch nn.Module or a list of them, got {type(dense_model).__name__}")
-    dense_model = dense_models[0]
-    if isinstance(finetune_epochs, bool) or not isinstance(finetune_epochs, int) or finetune_epochs < 0:
-        raise FlowpruneError(f"finetune_epochs must be an integer >= 0, got {finetune_epochs!r}")
-    check_positive_int("calib_batches", calib_batches)
-    check_positive_int("calib_batch_size", calib_batch_size)
-    if finetune_batches is not None:
-        check_positive_int("finetune_batches", finetune_batches)
-    if tp_mode not in TP_MODES:
-        raise bad_choice("tp_mode", tp_mode, TP_MODES)
-    if not (0 < tol < 1):
-        raise FlowpruneError(f"tol must lie in (0, 1), got {tol!r}")
+        return [dense_model] * n_seeds
+    if isinstance(dense_model, Sequence) and all(isinstance(m, nn.Module) for m in dense_model):
+        if len(dense_model) != n_seeds:
+            raise FlowpruneError(f"dense_model is a list of {len(dense_model)} models but there are "
+                                 f"{n_seeds} seeds; give one dense model per seed (or a single model)")
+        return list(dense_model)
+    raise FlowpruneError(f"dense_model must be a torch nn.Module or a list of them, got {type(dense_model).__name__}")
+
+
+def _check_fits(model: nn.Module, data) -> tuple[int, ...]:
+    """The model's input shape, checked against ``data``'s (and its head against the classes)."""
     if not isinstance(data, DataSplits):
         raise FlowpruneError(f"data must be a DataSplits from flowprune.load_dataset, got {type(data).__name__}")
-    base = getattr(dense_model, "flowprune_base", None) or {}
+    base = getattr(model, "flowprune_base", None) or {}
     input_shape = tuple(base.get("input_shape", data.input_shape))
-    if tuple(input_shape) != tuple(data.input_shape):
-        raise FlowpruneError(f"the model takes inputs of shape {tuple(input_shape)} but data set {data.name!r} "
+    if input_shape != tuple(data.input_shape):
+        raise FlowpruneError(f"the model takes inputs of shape {input_shape} but data set {data.name!r} "
                              f"has {tuple(data.input_shape)}")
-    fc = _classifier(dense_model)
+    fc = _classifier(model)
     if fc is not None and fc.out_features < data.num_classes:
         raise FlowpruneError(f"the model's head has {fc.out_features} outputs but data set {data.name!r} has "
                              f"{data.num_classes} classes; labels would not fit")
-    dense_cfg = (dense_config or TrainConfig()).validate()
-    s_epochs = dense_cfg.epochs if scratch_epochs is None else int(scratch_epochs)
-    if s_epochs < 0:
-        raise FlowpruneError(f"scratch_epochs must be >= 0, got {scratch_epochs!r}")
-    s_targets = target_list if scratch_targets is None else [parse_target(t) for t in scratch_targets]
-    s_seeds = seed_list if scratch_seeds is None else seed_list[:check_positive_int("scratch_seeds", scratch_seeds)]
-    do_scratch = s_epochs > 0 and scratch_from in method_list and not scratch_from.startswith("tp-")
+    return input_shape
 
-    out = Path(out_dir) if out_dir is not None else None
-    config = {"methods": method_list, "targets": target_list, "seeds": seed_list, "finetune_epochs": finetune_epochs,
-              "finetune_lr": finetune_lr, "finetune_batches": finetune_batches, "calib_batches": calib_batches,
-              "calib_batch_size": calib_batch_size, "dense_config": asdict(dense_cfg), "scratch_epochs": s_epochs,
-              "scratch_from": scratch_from if do_scratch else None, "scratch_targets": s_targets,
-              "scratch_seeds": s_seeds, "plan_options": plan_options or {}, "score_options": score_options or {},
-              "tp_mode": tp_mode, "tol": tol, "round_to": round_to, "data": data.name, "model": base.get("name"),
-              "compensate": compensate,
-              "torch_pruning_version": _tp_version()}
-    from flowprune.device import resolve_device
 
-    dev = resolve_device(device, dense_models[0])
-    denses = [copy.deepcopy(m).to(dev).eval() for m in dense_models]
-    dense = denses[0]
-    # reachability of every target, before any work: every unit at its minimum width
-    from flowprune.plan import MacsModel, max_reduction
-    from flowprune.units import find_units
+class _CompareRun:
+    """One comparison: the dense models on the device, the output folder and the shared contexts."""
 
-    example = torch.randn(1, *input_shape, device=next(dense.parameters()).device)
-    dense_units = find_units(copy.deepcopy(dense), example)
-    sizes = {u.name: int(u.size) for u in dense_units}
-    po = plan_options or {}
-    reach = max_reduction(MacsModel(dense, dense_units, example), dense_units, po.get("min_width", 1),
-                          po.get("round_to", 1))
-    too_far = [t for t in target_list if t > reach * (1 + tol)]
-    if too_far:
-        raise FlowpruneError(f"target(s) {', '.join(f'{t:g}x' for t in too_far)} cannot be reached: with every unit at "
-                             f"its minimum width the model has {reach:.2f}x fewer MACs at most; allowed: 1 < target "
-                             f"<= {reach:.2f}")
-    run_dir = None
-    if out is not None:
+    def __init__(self, dense_model, data: DataSplits, cfg: CompareConfig, *, device, out_dir, resume: bool):
+        from flowprune.device import resolve_device
+
+        self.cfg, self.data, self.resume = cfg, data, resume
+        dense_models = _dense_list(dense_model, len(cfg.seeds))
+        self.input_shape = _check_fits(dense_models[0], data)
+        base = getattr(dense_models[0], "flowprune_base", None) or {}
+        self.record = cfg.record(data, base.get("name"))
+        dev = resolve_device(device, dense_models[0])
+        self.denses = [copy.deepcopy(m).to(dev).eval() for m in dense_models]
+        self._check_targets()
+        self.run_dir = self._open_out_dir(out_dir)
+        self.test = make_loader(data.test, 512)
+        self.dense_info = self._dense_info(dense_models)
+        self.tp_cache: dict = {}
+        self.archs: dict[tuple[int, float], nn.Module] = {}
+
+    def _check_targets(self) -> None:
+        """Reachability of every target, before any work: every unit at its minimum width."""
+        from flowprune.plan import MacsModel, max_reduction
+        from flowprune.units import find_units
+
+        dense, po = self.denses[0], self.cfg.plan_options or {}
+        example = torch.randn(1, *self.input_shape, device=next(dense.parameters()).device)
+        units = find_units(copy.deepcopy(dense), example)
+        self.sizes = {u.name: int(u.size) for u in units}
+        reach = max_reduction(MacsModel(dense, units, example), units, po.get("min_width", 1), po.get("round_to", 1))
+        too_far = [t for t in self.cfg.targets if t > reach * (1 + self.cfg.tol)]
+        if too_far:
+            raise FlowpruneError(f"target(s) {', '.join(f'{t:g}x' for t in too_far)} cannot be reached: with every "
+                                 f"unit at its minimum width the model has {reach:.2f}x fewer MACs at most; allowed: "
+                                 f"1 < target <= {reach:.2f}")
+
+    def _open_out_dir(self, out_dir) -> Path | None:
+        if out_dir is None:
+            self.out = None
+            return None
+        self.out = out = Path(out_dir)
         if out.exists() and not out.is_dir():
             raise FlowpruneError(f"out_dir {str(out)!r} exists and is not a directory")
         run_dir = out / "runs"
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg_path = out / "compare_config.json"
-        if cfg_path.exists() and resume:
+        if cfg_path.exists() and self.resume:
             old = json.loads(cfg_path.read_text())
-            now = json.loads(json.dumps(config))
+            now = json.loads(json.dumps(self.record))
             # only what changes a finished run matters; methods, targets, seeds and scratch may grow
             if any(old.get(k) != now.get(k) for k in RUN_KEYS):
                 raise FlowpruneError(f"{out} holds runs of another comparison config; use a fresh out dir or resume=False")
-        cfg_path.write_text(json.dumps(config, indent=1))
+        cfg_path.write_text(json.dumps(self.record, indent=1))
+        return run_dir
 
-    test = make_loader(data.test, 512)
-    dense_macs, dense_params = count_macs_params(dense, input_shape)
-    dense_accs = [accuracy(m, test) for m in denses]
-    dense_info = {"accuracy": statistics.mean(dense_accs), "macs": dense_macs, "params": dense_params,
-                  "accuracy_per_seed": dense_accs, "per_seed_dense": len(dense_models) > 1 and
-                  any(m is not dense_models[0] for m in dense_models)}
-    if len(dense_accs) > 1:
-        dense_info["accuracy_std"] = statistics.stdev(dense_accs)
-    if measure_speed:
-        dense_info.update(_speed(dense, input_shape, speed_repeats, speed_batch))
-    tp_cache: dict = {}
-    ft_cfg = TrainConfig(epochs=max(finetune_epochs, 1), lr=finetune_lr, batch_size=dense_cfg.batch_size,
-                         weight_decay=dense_cfg.weight_decay, optimizer="sgd", augment=dense_cfg.augment)
+    def _dense_info(self, dense_models: list[nn.Module]) -> dict:
+        cfg, dense = self.cfg, self.denses[0]
+        self.dense_macs, dense_params = count_macs_params(dense, self.input_shape)
+        accs = [accuracy(m, self.test) for m in self.denses]
+        info = {"accuracy": statistics.mean(accs), "macs": self.dense_macs, "params": dense_params,
+                "accuracy_per_seed": accs, "per_seed_dense": len(dense_models) > 1 and
+                any(m is not dense_models[0] for m in dense_models)}
+        if len(accs) > 1:
+            info["accuracy_std"] = statistics.stdev(accs)
+        if cfg.measure_speed:
+            info.update(_speed(dense, self.input_shape, cfg.speed_repeats, cfg.speed_batch))
+        return info
 
-    total = len(seed_list) * len(target_list) * len(method_list)
-    bar = _bar(total, progress)
-    runs: list[dict] = []
-    archs: dict[tuple[int, float], nn.Module] = {}
-    for si, seed in enumerate(seed_list):
-        dense = denses[si]
-        calib = data.calibration_batches(calib_batch_size, calib_batches, seed=seed, split="train")
-        for target in target_list:
-            for method in method_list:
-                key = _run_key(method, target, seed)
-                path = run_dir / f"{key}.json" if run_dir is not None else None
-                if path is not None and resume and path.exists():
-                    runs.append(json.loads(path.read_text()))
+    def context(self, seed: int, calib) -> CutContext:
+        cfg = self.cfg
+        return CutContext(input_shape=self.input_shape, batches=calib, seed=seed, tol=cfg.tol,
+                          plan_options=dict(cfg.plan_options or {}), score_options=dict(cfg.score_options or {}),
+                          compensate=cfg.compensate, round_to=cfg.round_to, tp_mode=cfg.tp_mode, cache=self.tp_cache)
+
+    def run_all(self, progress) -> list[dict]:
+        cfg = self.cfg
+        bar = _bar(len(cfg.seeds) * len(cfg.targets) * len(cfg.methods), progress)
+        runs: list[dict] = []
+        for si, seed in enumerate(cfg.seeds):
+            calib = self.data.calibration_batches(cfg.calib_batch_size, cfg.calib_batches, seed=seed, split="train")
+            for target in cfg.targets:
+                for method in cfg.methods:
+                    path = self.run_dir / f"{_run_key(method, target, seed)}.json" if self.run_dir else None
+                    if path is not None and self.resume and path.exists():
+                        runs.append(json.loads(path.read_text()))
+                    else:
+                        runs.append(self.run_one(si, seed, target, method, calib))
+                        if path is not None:
+                            write_results(path, runs[-1])
                     bar.update(1)
-                    continue
-                t0 = time.perf_counter()
-                cuts = None
-                if method.startswith("tp-"):
-                    tp_name, mode = split_tp_method(method, tp_mode)
-                    pruned, info = tp_prune_to_target(dense, tp_name, target, input_shape=input_shape, batches=calib,
-                                                      tol=tol, mode=mode, round_to=round_to, seed=seed,
-                                                      cache=tp_cache)
-                else:
-                    pruned, cuts, info = flowprune_one_shot(dense, method, target, input_shape=input_shape,
-                                                            batches=calib, seed=seed, plan_options=plan_options,
-                                                            score_options=score_options, compensate=compensate)
-                prune_s = time.perf_counter() - t0
-                macs, params = count_macs_params(pruned, input_shape)
-                rec = {"method": method, "target": target, "seed": seed, "macs": macs, "params": params,
-                       "achieved": dense_macs / max(macs, 1), "prune_seconds": prune_s, **info}
-                rec["within_tol"] = abs(rec["achieved"] / target - 1) <= tol
-                rec["acc_raw"] = accuracy(pruned, test)
-                reestimate_bn(pruned, calib)
-                rec["acc_bn"] = accuracy(pruned, test)
-                if do_scratch and method == scratch_from:
-                    archs[(seed, target)] = copy.deepcopy(pruned)
-                if finetune_epochs > 0:
-                    t1 = time.perf_counter()
-                    cfg = TrainConfig(**{**asdict(ft_cfg), "epochs": finetune_epochs, "seed": seed})
-                    fit(pruned, data, cfg, progress=False, max_batches_per_epoch=finetune_batches)
-                    rec["acc_ft"] = accuracy(pruned, test)
-                    rec["finetune_seconds"] = time.perf_counter() - t1
-                else:
-                    rec["acc_ft"] = None
-                if measure_speed and si == 0:
-                    sp = _speed(pruned, input_shape, speed_repeats, speed_batch)
-                    dn = _speed(dense, input_shape, speed_repeats, speed_batch)  # next to it: a ratio
-                    rec.update(sp)
-                    rec["speedup_latency_b1"] = dn["latency_ms_b1"] / sp["latency_ms_b1"]
-                    rec[f"speedup_throughput_b{speed_batch}"] = (sp[f"throughput_b{speed_batch}"]
-                                                                 / dn[f"throughput_b{speed_batch}"])
-                if cuts is not None and method in ("agf", "l1"):
-                    rec["cuts"] = cuts
-                rec["seconds"] = time.perf_counter() - t0
-                if path is not None:
-                    write_results(path, rec)
-                runs.append(rec)
-                bar.update(1)
-    bar.close()
+        bar.close()
+        return runs
 
-    # ---- Jaccard AGF vs L1
-    jac_rows = []
-    if "agf" in method_list and "l1" in method_list and sizes:
+    def run_one(self, si: int, seed: int, target: float, method: str, calib) -> dict:
+        """One method x target x seed: cut, measure, re-estimate BN, fine-tune, time."""
+        cfg, dense, t0 = self.cfg, self.denses[si], time.perf_counter()
+        out = get_procedure(method).cut(dense, target, self.context(seed, calib))
+        pruned = out.model
+        prune_s = time.perf_counter() - t0
+        macs, params = count_macs_params(pruned, self.input_shape)
+        rec = {"method": method, "target": target, "seed": seed, "macs": macs, "params": params,
+               "achieved": self.dense_macs / max(macs, 1), "prune_seconds": prune_s, **out.info}
+        rec["within_tol"] = abs(rec["achieved"] / target - 1) <= cfg.tol
+        rec["acc_raw"] = accuracy(pruned, self.test)
+        reestimate_bn(pruned, calib)
+        rec["acc_bn"] = accuracy(pruned, self.test)
+        if cfg.do_scratch and method == cfg.scratch_from:
+            self.archs[(seed, target)] = copy.deepcopy(pruned)
+        rec["acc_ft"] = None
+        if cfg.finetune_epochs > 0:
+            t1 = time.perf_counter()
+            ft = TrainConfig(epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, batch_size=cfg.dense_config.batch_size,
+                             weight_decay=cfg.dense_config.weight_decay, optimizer="sgd",
+                             augment=cfg.dense_config.augment, seed=seed)
+            fit(pruned, self.data, ft, progress=False, max_batches_per_epoch=cfg.finetune_batches)
+            rec["acc_ft"] = accuracy(pruned, self.test)
+            rec["finetune_seconds"] = time.perf_counter() - t1
+        if cfg.measure_speed and si == 0:
+            rec.update(_speed_vs_dense(pruned, dense, self.input_shape, cfg.speed_repeats, cfg.speed_batch))
+        if out.cuts is not None and method in ("agf", "l1"):
+            rec["cuts"] = out.cuts
+        rec["seconds"] = time.perf_counter() - t0
+        return rec
+
+    def jaccard(self, runs: list[dict]) -> list[dict]:
+        """Jaccard overlap of the channel sets AGF and L1 remove, per target."""
+        cfg, rows = self.cfg, []
+        if not ("agf" in cfg.methods and "l1" in cfg.methods and self.sizes):
+            return rows
         by = {(r["method"], r["target"], r["seed"]): r for r in runs}
-        for target in target_list:
-            vals = [jaccard_overlap(by[("agf", target, s)]["cuts"], by[("l1", target, s)]["cuts"], sizes)
-                    for s in seed_list if "cuts" in by.get(("agf", target, s), {}) and "cuts" in by.get(("l1", target, s), {})]
+        for target in cfg.targets:
+            vals = [jaccard_overlap(by[("agf", target, s)]["cuts"], by[("l1", target, s)]["cuts"], self.sizes)
+                    for s in cfg.seeds
+                    if "cuts" in by.get(("agf", target, s), {}) and "cuts" in by.get(("l1", target, s), {})]
             if not vals:
                 continue
             row = {"target": target}
             for k in ("removed", "kept", "chance_removed", "chance_kept"):
                 row[k], row[k + "_std"] = mean_std([v[k] for v in vals])
-            jac_rows.append(row)
+            rows.append(row)
+        return rows
 
-    # ---- train from scratch at the pruned architecture
-    scratch_rows = []
-    if do_scratch:
-        for seed in s_seeds:
-            dense = denses[seed_list.index(seed)]
-            for target in s_targets:
-                key = f"scratch_{scratch_from}_{target:g}x_s{seed}"
-                path = run_dir / f"{key}.json" if run_dir is not None else None
-                if path is not None and resume and path.exists():
-                    scratch_rows.append(json.loads(path.read_text()))
+    def scratch(self) -> list[dict]:
+        """Train from scratch at the pruned architecture of ``scratch_from``."""
+        cfg, rows = self.cfg, []
+        if not cfg.do_scratch:
+            return rows
+        for seed in self.record["scratch_seeds"]:
+            for target in cfg.scratch_targets:
+                path = self.run_dir / f"scratch_{cfg.scratch_from}_{target:g}x_s{seed}.json" if self.run_dir else None
+                if path is not None and self.resume and path.exists():
+                    rows.append(json.loads(path.read_text()))
                     continue
-                arch = archs.get((seed, target))
-                if arch is None:  # resumed run: rebuild the architecture (deterministic for a seed)
-                    calib = data.calibration_batches(calib_batch_size, calib_batches, seed=seed, split="train")
-                    arch, _, _ = flowprune_one_shot(dense, scratch_from, target, input_shape=input_shape, batches=calib,
-                                                    seed=seed, plan_options=plan_options,
-                                                    score_options=score_options, compensate=compensate)
-                net = reinitialise(arch, seed)
-                t0 = time.perf_counter()
-                fit(net, data, TrainConfig(**{**asdict(dense_cfg), "epochs": s_epochs, "seed": seed}), progress=False)
-                rec = {"arch_from": scratch_from, "target": target, "seed": seed, "epochs": s_epochs,
-                       "acc": accuracy(net, test), "seconds": time.perf_counter() - t0}
+                rows.append(self._scratch_one(seed, target))
                 if path is not None:
-                    write_results(path, rec)
-                scratch_rows.append(rec)
+                    write_results(path, rows[-1])
+        return rows
 
-    summary = summarise(runs, method_list, target_list, speed_batch)
-    scratch_summary = []
-    for target in s_targets if do_scratch else []:
-        m, s = mean_std([r["acc"] for r in scratch_rows if r["target"] == target])
-        scratch_summary.append({"target": target, "arch_from": scratch_from, "acc": m, "acc_std": s,
-                                "n": sum(r["target"] == target for r in scratch_rows), "epochs": s_epochs})
-    table = render_markdown(config, dense_info, summary, jac_rows, scratch_summary, speed_batch)
-    result = {"config": config, "torch_threads": torch.get_num_threads(), "dense": dense_info, "runs": runs,
-              "summary": summary, "jaccard": jac_rows, "scratch": scratch_summary, "scratch_runs": scratch_rows, "table": table}
-    if out is not None:
-        write_results(out / "results.json", result)
-        (out / "compare.md").write_text(table + "\n")
-    return result
+    def _scratch_one(self, seed: int, target: float) -> dict:
+        cfg = self.cfg
+        arch = self.archs.get((seed, target))
+        if arch is None:  # resumed run: rebuild the architecture (deterministic for a seed)
+            calib = self.data.calibration_batches(cfg.calib_batch_size, cfg.calib_batches, seed=seed, split="train")
+            dense = self.denses[cfg.seeds.index(seed)]
+            arch = get_procedure(cfg.scratch_from).cut(dense, target, self.context(seed, calib)).model
+        net = reinitialise(arch, seed)
+        t0 = time.perf_counter()
+        fit(net, self.data, TrainConfig(**{**asdict(cfg.dense_config), "epochs": cfg.scratch_epochs, "seed": seed}),
+            progress=False)
+        return {"arch_from": cfg.scratch_from, "target": target, "seed": seed, "epochs": cfg.scratch_epochs,
+                "acc": accuracy(net, self.test), "seconds": time.perf_counter() - t0}
+
+    def finish(self, runs: list[dict]) -> CompareResult:
+        cfg = self.cfg
+        jac_rows = self.jaccard(runs)
+        scratch_rows = self.scratch()
+        summary = summarise(runs, cfg.methods, cfg.targets, cfg.speed_batch)
+        scratch_summary = []
+        for target in cfg.scratch_targets if cfg.do_scratch else []:
+            m, s = mean_std([r["acc"] for r in scratch_rows if r["target"] == target])
+            scratch_summary.append({"target": target, "arch_from": cfg.scratch_from, "acc": m, "acc_std": s,
+                                    "n": sum(r["target"] == target for r in scratch_rows),
+                                    "epochs": cfg.scratch_epochs})
+        table = render_markdown(self.record, self.dense_info, summary, jac_rows, scratch_summary, cfg.speed_batch)
+        result = CompareResult(config=self.record, dense=self.dense_info, runs=runs, summary=summary,
+                               jaccard=jac_rows, scratch=scratch_summary, scratch_runs=scratch_rows, table=table)
+        if self.out is not None:
+            write_results(self.out / "results.json", {"config": self.record, "torch_threads": result.torch_threads,
+                                                      **{k: result[k] for k in result.keys() if k != "config"}})
+            (self.out / "compare.md").write_text(table + "\n")
+        return result
+
+
+def _speed_vs_dense(pruned: nn.Module, dense: nn.Module, input_shape, repeats: int, batch: int) -> dict:
+    sp = _speed(pruned, input_shape, repeats, batch)
+    dn = _speed(dense, input_shape, repeats, batch)  # next to it: a ratio
+    return {**sp, "speedup_latency_b1": dn["latency_ms_b1"] / sp["latency_ms_b1"],
+            f"speedup_throughput_b{batch}": sp[f"throughput_b{batch}"] / dn[f"throughput_b{batch}"]}
 
 
 def _tp_version() -> str:
