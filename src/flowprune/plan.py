@@ -22,7 +22,7 @@
   normalised channels anywhere are removed one (or ``round_to``) at a time until the target is
   met. The result says what it reached (``plan.reduction``, ``plan.within_tolerance``,
   ``plan.note``). A target beyond what every unit at ``min_width`` gives raises
-  :class:`FlowpruneError` before any work.
+  :class:`FlowpruneError` before any work (:func:`check_reachable`).
 
 Every unit keeps at least ``min(min_width, size)`` units; kept widths are multiples of
 ``round_to`` where the unit is at least that wide.
@@ -236,6 +236,21 @@ def max_reduction(macs_model: MacsModel, units, min_width: int = 1, round_to: in
     return macs_model.total / max(macs_model.macs(w), 1e-9)
 
 
+def check_reachable(mm: MacsModel, units, target: float, min_width: int = 1, round_to: int = 1, *,
+                    what: str = "target_macs") -> float:
+    """Raise :class:`FlowpruneError` when a MACs reduction of ``target`` is out of reach (more than 3%
+    beyond :func:`max_reduction`, every unit at ``min_width``); else return that largest reduction.
+
+    ``what`` names the argument in the message (``target_macs`` by default).
+    """
+    reach = max_reduction(mm, units, min_width, round_to)
+    if reach * (1 + TOLERANCE) < target:
+        raise FlowpruneError(f"{what} {target:g}x cannot be reached: with every unit at min_width={min_width} "
+                             f"the model has {reach:.2f}x fewer MACs at most; allowed: 1 < {what} <= "
+                             f"{reach:.2f}")
+    return reach
+
+
 def plan_cuts(model: nn.Module, units: Sequence, scores: Mapping[str, torch.Tensor], *,
               example_inputs: torch.Tensor, ratio: float | None = None, width: int | Mapping[str, int] | None = None,
               target_macs: float | str | None = None, budget: str = "layer", min_width: int = 1, round_to: int = 1,
@@ -263,6 +278,23 @@ def plan_cuts(model: nn.Module, units: Sequence, scores: Mapping[str, torch.Tens
     """
     target = check_budget_args(ratio, width, target_macs, budget, min_width, round_to, normalize)
     units = list(units)
+    _check_plan_inputs(units, scores, width)
+    mm = macs_model or MacsModel(model, units, example_inputs)
+    norm = normalised(units, scores, normalize, model)
+    if target is not None:
+        reach = check_reachable(mm, units, target, min_width, round_to)
+        search = _MacsSearch(units, norm, mm, budget, min_width, round_to)
+        widths, note, measured, cut_model = _widths_for_target(model, units, scores, search, target, reach,
+                                                               example_inputs, verify)
+    else:
+        widths = _fixed_widths(units, norm, ratio, width, budget, min_width, round_to)
+        note, measured, cut_model = "", None, None
+    return _make_plan(units, scores, widths, mm, target, measured, cut_model, note)
+
+
+def _check_plan_inputs(units: Sequence, scores: Mapping[str, torch.Tensor],
+                       width: int | Mapping[str, int] | None) -> None:
+    """Scores for every unit, of the unit's size; a width dict names only known units, with positive ints."""
     for u in units:
         if u.name not in scores:
             raise FlowpruneError(f"no score for unit {u.name!r}; the scores must cover every unit")
@@ -275,76 +307,98 @@ def plan_cuts(model: nn.Module, units: Sequence, scores: Mapping[str, torch.Tens
             raise FlowpruneError(f"width given for unknown unit(s) {bad}; units are: {', '.join(sorted(names))}")
         for k, v in width.items():
             check_positive_int(f"width[{k!r}]", v)
-    mm = macs_model or MacsModel(model, units, example_inputs)
-    norm = normalised(units, scores, normalize, model)
-    note = ""
+
+
+def _fixed_widths(units: Sequence, norm: Mapping[str, torch.Tensor], ratio: float | None,
+                  width: int | Mapping[str, int] | None, budget: str, min_width: int, round_to: int) -> dict[str, int]:
+    """Kept widths without a MACs target: from ``width`` (int or per unit), else ``ratio`` per layer or globally."""
+    if width is not None:
+        if isinstance(width, Mapping):
+            return {u.name: _round_width(min(width.get(u.name, u.size), u.size), u.size, min_width, round_to)
+                    for u in units}
+        return {u.name: _round_width(min(width, u.size), u.size, min_width, round_to) for u in units}
+    if budget == "layer":
+        return _layer_widths(units, float(ratio), min_width, round_to)
+    return _global_widths(units, norm, float(ratio), min_width, round_to)
+
+
+class _MacsSearch:
+    """The search for kept widths meeting a MACs reduction with one budget (see the module docstring)."""
+
+    def __init__(self, units: Sequence, norm: Mapping[str, torch.Tensor], mm: MacsModel, budget: str,
+                 min_width: int, round_to: int):
+        self.units, self.norm, self.mm, self.budget = units, norm, mm, budget
+        self.min_width, self.round_to = min_width, round_to
+
+    def widths_at(self, r: float) -> dict[str, int]:
+        """Widths at knob setting ``r`` (the uniform ratio for ``layer``, the global fraction otherwise)."""
+        if self.budget == "layer":
+            return _layer_widths(self.units, r, self.min_width, self.round_to)
+        return _global_widths(self.units, self.norm, r, self.min_width, self.round_to)
+
+    def red(self, w: Mapping[str, int]) -> float:
+        """The MACs model's reduction at widths ``w``."""
+        return self.mm.total / max(self.mm.macs(w), 1e-9)
+
+    def search(self, t: float) -> tuple[dict[str, int], str]:
+        """Widths reaching reduction ``t`` (bisection on the knob, refined greedily when it jumps) and how."""
+        units, norm, mm, budget, red = self.units, self.norm, self.mm, self.budget, self.red
+        if budget == "macs":
+            full = {u.name: u.size for u in units}
+            return (_greedy_refine(units, norm, full, mm, t, self.min_width, self.round_to),
+                    "macs budget (utility per MAC)")
+        lo, hi = 0.0, 1.0 - 1e-9
+        w_hi = self.widths_at(hi)
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            w = self.widths_at(mid)
+            if red(w) >= t:
+                hi, w_hi = mid, w
+            else:
+                lo = mid
+        w_lo = self.widths_at(lo)
+        best = min((w_lo, w_hi), key=lambda w: abs(red(w) / t - 1))
+        if abs(red(best) / t - 1) <= TOLERANCE / 3:
+            return best, f"{budget} budget search"
+        refined = _greedy_refine(units, norm, dict(w_lo), mm, t, self.min_width, self.round_to)
+        cand = min((refined, w_hi), key=lambda w: abs(red(w) / t - 1))
+        how = ("refined per unit by the lowest normalised scores" if cand is refined
+               else "kept the nearest knob setting")
+        return cand, (f"{budget} budget: the uniform knob jumps from {red(w_lo):.3f}x to {red(w_hi):.3f}x; {how}")
+
+
+def _widths_for_target(model: nn.Module, units: Sequence, scores: Mapping[str, torch.Tensor], search: _MacsSearch,
+                       target: float, reach: float, example_inputs: torch.Tensor,
+                       verify: bool) -> tuple[dict[str, int], str, float | None, nn.Module | None]:
+    """Widths for MACs reduction ``target``: ``(widths, note, measured reduction or None, cut copy or None)``.
+
+    With ``verify``, the widths are cut on a copy and counted, and the search target corrected up to
+    3 times when the count is more than 3% off; the try nearest the target is kept.
+    """
+    # The MACs model is exact for conv/linear/norm layers; layers it cannot scale (activations,
+    # attention internals counted as a whole) are checked by a real cut + count and corrected.
+    t_est = target
+    widths, how = search.search(t_est)
     measured = None
     cut_model = None
-    if target is not None:
-        reach = max_reduction(mm, units, min_width, round_to)
-        if reach * (1 + TOLERANCE) < target:
-            raise FlowpruneError(f"target_macs {target:g}x cannot be reached: with every unit at min_width={min_width} "
-                                 f"the model has {reach:.2f}x fewer MACs at most; allowed: 1 < target_macs <= "
-                                 f"{reach:.2f}")
-
-        def widths_at(r: float) -> dict[str, int]:
-            if budget == "layer":
-                return _layer_widths(units, r, min_width, round_to)
-            return _global_widths(units, norm, r, min_width, round_to)
-
-        def red(w) -> float:
-            return mm.total / max(mm.macs(w), 1e-9)
-
-        def search(t: float) -> tuple[dict[str, int], str]:
-            if budget == "macs":
-                full = {u.name: u.size for u in units}
-                return _greedy_refine(units, norm, full, mm, t, min_width, round_to), "macs budget (utility per MAC)"
-            lo, hi = 0.0, 1.0 - 1e-9
-            w_hi = widths_at(hi)
-            for _ in range(40):
-                mid = (lo + hi) / 2
-                w = widths_at(mid)
-                if red(w) >= t:
-                    hi, w_hi = mid, w
-                else:
-                    lo = mid
-            w_lo = widths_at(lo)
-            best = min((w_lo, w_hi), key=lambda w: abs(red(w) / t - 1))
-            if abs(red(best) / t - 1) <= TOLERANCE / 3:
-                return best, f"{budget} budget search"
-            refined = _greedy_refine(units, norm, dict(w_lo), mm, t, min_width, round_to)
-            cand = min((refined, w_hi), key=lambda w: abs(red(w) / t - 1))
-            how = ("refined per unit by the lowest normalised scores" if cand is refined
-                   else "kept the nearest knob setting")
-            return cand, (f"{budget} budget: the uniform knob jumps from {red(w_lo):.3f}x to {red(w_hi):.3f}x; {how}")
-
-        # The MACs model is exact for conv/linear/norm layers; layers it cannot scale (activations,
-        # attention internals counted as a whole) are checked by a real cut + count and corrected.
-        t_est = target
-        widths, how = search(t_est)
-        measured = None
-        if verify:
+    if verify:
+        measured, cut_model = _measure_reduction(model, units, scores, widths, example_inputs)
+        tries = [(abs(measured / target - 1), widths, how, measured, cut_model)]
+        for _ in range(3):
+            if abs(measured / target - 1) <= TOLERANCE:
+                break
+            t_est = min(t_est * target / measured, reach)
+            widths, how = search.search(t_est)
             measured, cut_model = _measure_reduction(model, units, scores, widths, example_inputs)
-            tries = [(abs(measured / target - 1), widths, how, measured, cut_model)]
-            for _ in range(3):
-                if abs(measured / target - 1) <= TOLERANCE:
-                    break
-                t_est = min(t_est * target / measured, reach)
-                widths, how = search(t_est)
-                measured, cut_model = _measure_reduction(model, units, scores, widths, example_inputs)
-                tries.append((abs(measured / target - 1), widths, how, measured, cut_model))
-            _, widths, how, measured, cut_model = min(tries, key=lambda t: t[0])
-        note = f"{how}: {measured if measured is not None else red(widths):.3f}x for target {target:g}x"
-    elif width is not None:
-        if isinstance(width, Mapping):
-            widths = {u.name: _round_width(min(width.get(u.name, u.size), u.size), u.size, min_width, round_to)
-                      for u in units}
-        else:
-            widths = {u.name: _round_width(min(width, u.size), u.size, min_width, round_to) for u in units}
-    elif budget == "layer":
-        widths = _layer_widths(units, float(ratio), min_width, round_to)
-    else:
-        widths = _global_widths(units, norm, float(ratio), min_width, round_to)
+            tries.append((abs(measured / target - 1), widths, how, measured, cut_model))
+        _, widths, how, measured, cut_model = min(tries, key=lambda t: t[0])
+    note = f"{how}: {measured if measured is not None else search.red(widths):.3f}x for target {target:g}x"
+    return widths, note, measured, cut_model
+
+
+def _make_plan(units: Sequence, scores: Mapping[str, torch.Tensor], widths: dict[str, int], mm: MacsModel,
+               target: float | None, measured: float | None, cut_model: nn.Module | None, note: str) -> CutPlan:
+    """The :class:`CutPlan`: each unit's lowest-scored indices beyond its kept width, and what it reaches."""
     plan = CutPlan()
     for u in units:
         k = widths[u.name]
