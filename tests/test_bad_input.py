@@ -156,7 +156,7 @@ CASES = [
     ("round-to0", P + ["--round-to", "0"], "round_to"),
     ("min-width0", P + ["--min-width", "0"], "min_width"),
     ("method", ["prune", "--checkpoint", "{good}", "--data", "digits", "--method", "nope", "--ratio", "0.5"],
-     "unknown --method 'nope'"),
+     "unknown method 'nope'"),
     ("schedule", P + ["--schedule", "zigzag"], "zigzag"),
     ("budget", P + ["--budget", "sideways"], "sideways"),
     ("prune-seed-neg", P + ["--seed", "-5"], "got -5"),

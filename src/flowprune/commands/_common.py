@@ -390,6 +390,31 @@ def check_data_fits_model(model, data: DataSplits, what: str = "model") -> None:
         raise FlowpruneError(f"{what} has {nc} classes but data set {data.name!r} has {data.num_classes} labels")
 
 
+def add_checkpoint_arguments(p: argparse.ArgumentParser, *, required: bool = True,
+                             flag: str = "--checkpoint") -> None:
+    """The shared model input of a command: ``--checkpoint DIR`` and an optional ``--model`` name check."""
+    p.add_argument(flag, required=required, default=None,
+                   help="directory written by `flowprune train --out DIR` (or another flowprune command)")
+    p.add_argument("--model", default=None, help="zoo name, checked against the checkpoint (optional)")
+
+
+def check_model_name(args: argparse.Namespace, model, what: str = "the checkpoint's model") -> None:
+    """``--model`` (when given) must name the architecture the checkpoint holds."""
+    name = (getattr(model, "flowprune_base", None) or {}).get("name")
+    if getattr(args, "model", None) is not None and args.model != name:
+        raise FlowpruneError(f"--model {args.model!r} does not match {what} {name!r}")
+
+
+def load_checkpoint_and_data(args: argparse.Namespace, *, flag: str = "--checkpoint", path: str | None = None):
+    """The shared first step of a command: load the model (``--checkpoint``), check ``--model``,
+    load the data and check that it fits the model. Returns ``(model, data)``."""
+    model = load_model_arg(path if path is not None else getattr(args, flag.lstrip("-").replace("-", "_")), flag)
+    check_model_name(args, model)
+    data = load_data(args)
+    check_data_fits_model(model, data, "the checkpoint's model")
+    return model, data
+
+
 class Timer:
     def __enter__(self):
         self.t0 = time.perf_counter()

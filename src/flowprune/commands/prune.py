@@ -15,11 +15,10 @@ import sys
 
 from flowprune.commands._common import (
     Timer,
+    add_checkpoint_arguments,
     add_data_arguments,
-    check_data_fits_model,
     check_out_path,
-    load_data,
-    load_model_arg,
+    load_checkpoint_and_data,
     open_run,
     setup_parser,
 )
@@ -30,10 +29,11 @@ HELP = "prune a trained model's channels / neurons / heads by AGF or a baseline 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     setup_parser(p)
-    p.add_argument("--checkpoint", required=True, help="directory written by `flowprune train --out DIR`")
-    p.add_argument("--model", default=None, help="zoo name, checked against the checkpoint (optional)")
+    add_checkpoint_arguments(p)
     add_data_arguments(p)
-    p.add_argument("--method", default="agf", help="score: agf, taylor, l1, l2, bn_scale, wanda, ria, random, ...")
+    from flowprune.scores import list_scores
+
+    p.add_argument("--method", default="agf", help=f"score: {', '.join(list_scores())} (default agf)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--target-macs", default=None, help="MACs reduction, e.g. 4x (= 4 times fewer MACs)")
     g.add_argument("--ratio", type=float, default=None, help="fraction of every unit's width to remove, in [0, 1)")
@@ -92,36 +92,33 @@ def parse_options(flag: str, items: list[str]) -> dict:
     return out
 
 
-def run(args: argparse.Namespace) -> int:
-    from flowprune.data import make_loader
+def prune_config(args: argparse.Namespace):
+    """The :class:`~flowprune.pruning.structural.PruneConfig` the arguments ask for (validated by the library)."""
     from flowprune.errors import FlowpruneError
-    from flowprune.io import save
-    from flowprune.measure import accuracy, count_macs_params, speed_report
-    from flowprune.pruning.structural import prune
-    from flowprune.report import format_table, write_results
-    from flowprune.scores import list_scores
+    from flowprune.pruning.structural import PruneConfig
     from flowprune.train import TrainConfig
 
-    if args.method not in list_scores():
-        from flowprune.errors import bad_choice
-
-        raise bad_choice("--method", args.method, list_scores())
     if args.target_macs is None and args.ratio is None:
         raise FlowpruneError("give --target-macs (e.g. 4x) or --ratio (a fraction in [0, 1))")
-    steps = parse_steps(args.steps)
-    score_options = parse_options("--score-option", args.score_option)
-    from flowprune.scores import get_score
-
-    get_score(args.method, **score_options)  # unknown or bad options: one clear error before any work
-    check_out_path(args.out)
-    model = load_model_arg(args.checkpoint)
-    base = model.flowprune_base
-    if args.model is not None and args.model != base["name"]:
-        raise FlowpruneError(f"--model {args.model!r} does not match the checkpoint's model {base['name']!r}")
-    data = load_data(args)
-    check_data_fits_model(model, data, "the checkpoint's model")
     final_ft = args.finetune_epochs if args.final_finetune_epochs is None else args.final_finetune_epochs
-    cfg = TrainConfig(lr=args.lr, seed=args.seed).validate()
+    extra = {"normalize": args.normalize} if args.normalize is not None else {}
+    return PruneConfig.resolve(None, dict(
+        method=args.method, target_macs=args.target_macs, ratio=args.ratio, steps=parse_steps(args.steps),
+        schedule=args.schedule, budget=args.budget, calib_batches=args.calib_batches,
+        calib_batch_size=args.calib_batch_size, compensate=not args.no_compensate,
+        score_options=parse_options("--score-option", args.score_option), finetune_epochs=args.finetune_epochs,
+        final_finetune_epochs=final_ft, finetune_config=TrainConfig(lr=args.lr, seed=args.seed).validate(),
+        min_width=args.min_width, round_to=args.round_to, seed=args.seed, **extra))
+
+
+def run(args: argparse.Namespace) -> int:
+    from flowprune.data import make_loader
+    from flowprune.measure import accuracy
+    from flowprune.pruning.structural import prune
+
+    cfg = prune_config(args)  # every value checked before any work
+    check_out_path(args.out)
+    model, data = load_checkpoint_and_data(args)
     run = open_run(args, inputs=(("--checkpoint", args.checkpoint),))
     if run.finished:
         return 0
@@ -130,38 +127,47 @@ def run(args: argparse.Namespace) -> int:
         import json
 
         done = json.loads((out / "steps" / "state.json").read_text()).get("step")
-        print(f"flowprune: prune resumes after step {done} of {steps} (checkpoints in {out / 'steps'})",
+        print(f"flowprune: prune resumes after step {done} of {cfg.steps} (checkpoints in {out / 'steps'})",
               file=sys.stderr)
-    test = make_loader(data.test, 512)
-    dense_acc = accuracy(model, test)
+    dense_acc = accuracy(model, make_loader(data.test, 512))
     with run, Timer() as t:
-        extra = {"normalize": args.normalize} if args.normalize is not None else {}
-        res = prune(model, data, args.method, target_macs=args.target_macs, ratio=args.ratio, steps=steps,
-                    schedule=args.schedule, budget=args.budget, calib_batches=args.calib_batches,
-                    compensate=not args.no_compensate, score_options=score_options, **extra,
-                    calib_batch_size=args.calib_batch_size, finetune_epochs=args.finetune_epochs,
-                    final_finetune_epochs=final_ft, finetune_config=cfg, min_width=args.min_width,
-                    round_to=args.round_to, seed=args.seed, checkpoint_dir=out / "steps")
+        res = prune(model, data, cfg, checkpoint_dir=out / "steps")
+    results = _results(args, model, data, res, dense_acc, t.seconds)
+    _save_and_print(args, out, data, res, results)
+    run.finish()
+    print(f"saved to {out}/ (model.safetensors, model.json, results.json)")
+    return 0
+
+
+def _results(args, model, data, res, dense_acc: float, seconds: float) -> dict:
+    """``OUT/results.json``: the dense model, every stage's accuracy, sizes, speed and the history."""
+    from flowprune.data import make_loader
+    from flowprune.measure import accuracy, count_macs_params, speed_report
+
     last = res.history[-1] if res.history else {}
-    acc_final = accuracy(res.model, test)
     dense_macs, dense_params = count_macs_params(model, data.input_shape)
-    results = {"model_name": base["name"], "data": data.name, "method": args.method, "seed": args.seed,
-               "target_macs": args.target_macs, "ratio": args.ratio, "budget": res.config["budget"],
-               "steps": res.config["steps"],
+    results = {"model_name": model.flowprune_base["name"], "data": data.name, "method": args.method,
+               "seed": args.seed, "target_macs": args.target_macs, "ratio": args.ratio,
+               "budget": res.config["budget"], "steps": res.config["steps"],
                "dense_accuracy": dense_acc, "accuracy_after_cut": last.get("acc_cut"),
                "accuracy_after_bn": last.get("acc_bn"),
                "accuracy_before_finetune": last.get("acc_bn", last.get("acc_cut")),
-               "accuracy_after_finetune": last.get("acc_ft"), "accuracy": acc_final,
+               "accuracy_after_finetune": last.get("acc_ft"), "accuracy": accuracy(res.model, make_loader(data.test, 512)),
                "macs": res.macs, "params": res.params, "dense_macs": dense_macs, "dense_params": dense_params,
                "macs_reduction": dense_macs / max(res.macs, 1), "widths": res.widths, "history": res.history,
-               "seconds": t.seconds, "config": res.config, "unsupported_layers": res.unsupported}
+               "seconds": seconds, "config": res.config, "unsupported_layers": res.unsupported}
     if not args.no_speed:
-        dense_speed = speed_report(model, data.input_shape)
-        pruned_speed = speed_report(res.model, data.input_shape)
-        results.update(pruned_speed)
-        results["dense_speed"] = dense_speed
+        results.update(speed_report(res.model, data.input_shape))
+        results["dense_speed"] = speed_report(model, data.input_shape)
+    return results
+
+
+def _save_and_print(args, out, data, res, results: dict) -> None:
+    from flowprune.io import save
+    from flowprune.report import format_table, write_results
+
     save(res.model, out, metadata={"stage": "pruned", "method": args.method, "data": data.name,
-                                   "accuracy": acc_final, "seed": args.seed,
+                                   "accuracy": results["accuracy"], "seed": args.seed,
                                    "cuts": getattr(res.model, "flowprune_metadata", {}).get("cuts", [])})
     write_results(out / "results.json", results)
 
@@ -169,12 +175,9 @@ def run(args: argparse.Namespace) -> int:
         return None if v is None else 100 * v
 
     print(format_table([{"method": args.method, "target": args.target_macs or args.ratio,
-                         "dense acc %": pct(dense_acc), "cut %": pct(last.get("acc_cut")),
-                         "BN %": pct(last.get("acc_bn")), "final %": pct(acc_final),
+                         "dense acc %": pct(results["dense_accuracy"]), "cut %": pct(results["accuracy_after_cut"]),
+                         "BN %": pct(results["accuracy_after_bn"]), "final %": pct(results["accuracy"]),
                          "MACs x": results["macs_reduction"], "params": res.params,
                          "latency b1 ms": results.get("latency_ms_b1")}]))
     if res.unsupported:
         print(f"left intact (flowprune cannot cut them): {', '.join(res.unsupported)}")
-    run.finish()
-    print(f"saved to {out}/ (model.safetensors, model.json, results.json)")
-    return 0

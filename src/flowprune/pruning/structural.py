@@ -76,10 +76,11 @@ class PruneConfig(ProcedureConfig):
         """Check every field (raises FlowpruneError); parses ``target_macs`` and resolves ``steps``/``budget``."""
         from flowprune.plan import check_budget_args, parse_target
         from flowprune.schedules import SCHEDULES
-        from flowprune.scores import list_scores
+        from flowprune.scores import get_score, list_scores
 
         if self.method not in list_scores():
             raise bad_choice("method", self.method, list_scores())
+        get_score(self.method, **(self.score_options or {}))  # unknown or bad options: one clear error now
         if self.target_macs is None and self.ratio is None:
             raise FlowpruneError("give target_macs (e.g. 4.0 or '4x') or ratio (a fraction in [0, 1))")
         if self.target_macs is not None and self.ratio is not None:
