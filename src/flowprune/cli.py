@@ -1,6 +1,8 @@
 """The ``flowprune`` command. Subcommands live in :mod:`flowprune.commands`, one module each.
 
 A command module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``.
+Plugins named in ``$FLOWPRUNE_PLUGINS`` (:mod:`flowprune.plugins`) are imported first, so the
+scores, procedures and routers they register are among the choices.
 Bad input prints one line, ``flowprune: error: ...``, and exits with 2; ``--debug`` shows the
 traceback instead.
 
@@ -76,6 +78,13 @@ def _write_report(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    try:  # extensions in the user's own files ($FLOWPRUNE_PLUGINS): before the parser lists the choices
+        from flowprune.plugins import load_plugins
+
+        load_plugins()
+    except FlowpruneError as e:
+        print(f"flowprune: error: {e}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):

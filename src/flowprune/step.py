@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from flowprune.errors import FlowpruneError
-
 
 @dataclass
 class CutStep:
@@ -64,16 +62,5 @@ def plan_and_cut(model: nn.Module, units, scores: dict, calib: Sequence[tuple[to
     return CutStep(model=cut, plan=plan, compensated=compensated)
 
 
-def check_reachable(macs_model, units, target: float, min_width: int = 1, round_to: int = 1, *,
-                    what: str = "target_macs", slack: float = 1.03) -> float:
-    """Raise if ``target`` x fewer MACs cannot be reached with every unit at ``min_width``.
-
-    Returns the largest reachable reduction. ``slack`` tolerates the planner's 3% rounding.
-    """
-    from flowprune.plan import max_reduction
-
-    reach = max_reduction(macs_model, units, min_width, round_to)
-    if reach * slack < target:
-        raise FlowpruneError(f"{what} {target:g}x cannot be reached: with every unit at min_width={min_width} "
-                             f"the model has {reach:.2f}x fewer MACs at most; allowed: 1 < {what} <= {reach:.2f}")
-    return reach
+# the one reachability check of a MACs target lives beside the planner it mirrors
+from flowprune.plan import check_reachable  # noqa: E402,F401

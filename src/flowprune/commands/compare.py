@@ -50,11 +50,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--dense-per-seed", action="store_true",
                      help="with --model: train one dense model per seed (OUT/dense_s<i>), the fair protocol")
     add_data_arguments(p)
+    from flowprune.procedures import list_procedures
+
     p.add_argument("--methods", default="agf,agf-paper,l2,taylor,random,tp-magnitude-uniform,tp-magnitude-global,"
                    "tp-taylor-global",
-                   help="comma-separated: flowprune scores (agf = the default, agf-paper, taylor, l1, l2, bn_scale, "
-                        "wanda, ria, random) and Torch-Pruning anchors (tp-magnitude, tp-l1, tp-taylor, tp-bn-scale, "
-                        "tp-random; add -uniform or -global to fix Torch-Pruning's ranking mode)")
+                   help="comma-separated registered procedures: " + ", ".join(list_procedures())
+                        + " (flowprune scores; Torch-Pruning anchors tp-*, -uniform/-global fix its ranking mode; "
+                          "your own with @register_procedure)")
     p.add_argument("--targets", default="2x,4x,8x,16x", help="MACs reductions, comma-separated (default 2x,4x,8x,16x)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1) per method x target (default 3)")
     p.add_argument("--finetune-epochs", type=int, default=1, help="fine-tune epochs after the cut, every method")

@@ -272,9 +272,8 @@ class _PruneRun:
 
     def _check_units(self) -> None:
         from flowprune.measure import count_macs_params
-        from flowprune.plan import MacsModel
+        from flowprune.plan import MacsModel, check_reachable
         from flowprune.schedules import macs_schedule, ratio_schedule
-        from flowprune.step import check_reachable
         from flowprune.units import find_units
 
         cfg = self.cfg
