@@ -97,7 +97,7 @@ def test_bad_inputs_raise_before_work(digits_data):
     with pytest.raises(FlowpruneError, match="validation split"):
         idap(m, small, max_drop=0.01)
     with pytest.raises(FlowpruneError, match="no removable block"):
-        idap(build_model("lenet300", digits_data.input_shape, 10), digits_data, stages=(2,))
+        idap(build_model("lenet300", digits_data.input_shape, 10), digits_data, stages=(2,), max_drop=0.05)
     assert main(["idap", "--checkpoint", "nowhere", "--out", "/tmp/x", "--stages", "3"]) == 2
 
 

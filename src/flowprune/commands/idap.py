@@ -30,6 +30,10 @@ def parse_stages(text: str) -> tuple[int, ...]:
     return STAGE_CHOICES[key]
 
 
+def _pct(x) -> float | None:
+    return None if x is None else 100 * x
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     setup_parser(p)
     p.add_argument("--model", default=None, help="zoo name of the model (checked against the checkpoint; optional)")
@@ -45,6 +49,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-accuracy-budget", action="store_true", help="use only --max-output-error")
     g.add_argument("--target-macs", type=float, default=None, help="stop at this MACs reduction factor (e.g. 3)")
     g.add_argument("--target-params", type=float, default=None, help="stop at this params reduction factor")
+    g.add_argument("--val-split", choices=("split", "shared"), default="split",
+                   help="split (default): recovery early stop on one half of the validation split, accepting a "
+                        "step on the other; shared: both on the whole split (overfits the budget)")
+    g.add_argument("--confidence-z", type=float, default=0.0,
+                   help="accept only when drop + z * (paired standard error) <= --max-drop (default 0)")
+    g.add_argument("--no-track-test", action="store_true",
+                   help="do not measure the test accuracy next to every decision")
     s = p.add_argument_group("schedule and recovery")
     s.add_argument("--p0", type=float, default=0.05)
     s.add_argument("--T", type=int, default=10)
@@ -95,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
                    retry_factor=args.retry_factor, recover_epochs=args.recover_epochs,
                    recover_batches=args.recover_batches, stage2_recover_batches=args.stage2_recover_batches,
                    final_epochs=args.final_epochs, lr=args.lr, round_to=args.round_to, checkpoint_dir=ckpt,
-                   seed=args.seed, progress=None)
+                   seed=args.seed, progress=None, val_split=args.val_split, confidence_z=args.confidence_z,
+                   track_test=not args.no_track_test)
     summary = res.to_dict()
     summary.update(command="idap", checkpoint=args.checkpoint, data=args.data, seed=args.seed,
                    seconds=t.seconds, model_name=model.flowprune_base.get("name"))
@@ -107,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     run.finish()
     rows = [{"step": f"{s['stage']}.{s.get('step', '')}", "block": s.get("block", ""),
              "accepted": s.get("accepted"), "val acc %": 100 * s["accuracy"] if "accuracy" in s else None,
+             "test acc %": _pct(s.get("test_accuracy", s.get("rejected_test_accuracy"))),
              "MACs": s.get("macs"), "params": s.get("params")} for s in res.steps]
     if rows:
         print(format_table(rows, title="IDAP++ steps"))
@@ -116,6 +129,9 @@ def run(args: argparse.Namespace) -> int:
                          "MACs": res.final["macs"], "params": res.final["params"]}]))
     print(f"MACs {res.final['macs_reduction']:.2f}x fewer, params {res.final['params_reduction']:.2f}x fewer; "
           f"blocks removed: {len(res.removed_blocks)}, kept as essential: {len(res.essential_blocks)}")
+    if "2" in res.stage_reasons and res.stage_reasons["2"].startswith("skipped"):
+        print(f"stage 2 {res.stage_reasons['2']}")
     print(f"stopped: {res.stop_reason}")
+    print(f"wall time {res.seconds / 60:.1f} min")
     print(f"saved to {out}/ (model/, results.json)")
     return 0

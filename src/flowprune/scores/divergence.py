@@ -122,51 +122,8 @@ def divergence_scores(model: nn.Module, units: Sequence, batches: Iterable, *, r
 
     if group_reduce not in ("mean", "sum", "root"):
         raise FlowpruneError(f"group_reduce must be mean, sum or root, got {group_reduce!r}")
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    handles = []
-    modules = dict(model.named_modules())
-    n_producers: dict[str, int] = {}
-
-    def add(key: str, s: torch.Tensor, b: int) -> None:
-        s = s.detach().double().cpu() * b
-        sums[key] = sums[key] + s if key in sums else s
-        counts[key] = counts.get(key, 0) + b
-
-    plans: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
-    for u in units:
-        kind = _unit_kind(u)
-        m = u.module
-        if kind == "head":
-            proj = getattr(m, "proj", None)
-            qkv = getattr(m, "qkv", None)
-            if not isinstance(proj, nn.Linear) or not isinstance(qkv, nn.Linear):
-                raise FlowpruneError(f"divergence score: attention unit {u.name!r} needs 'qkv' and 'proj' Linear "
-                                     "layers (timm Attention layout)")
-
-            def pre_hook(_mod, inp, key=u.name, att=m):
-                o = inp[0]
-                add(key, head_divergence(o, att.qkv.weight, int(att.num_heads), relu_heads), o.shape[0])
-            handles.append(proj.register_forward_pre_hook(pre_hook))
-            continue
-        prods = _producers(u)
-        if group_reduce == "root":
-            prods = prods[:1]
-        prods = [p for p in prods if isinstance(modules.get(p[0]), (nn.modules.conv._ConvNd, nn.Linear))]
-        if not prods:
-            prods = [(u.name, torch.arange(int(u.size)), torch.arange(int(u.size)))]
-            modules.setdefault(u.name, m)
-        plans[u.name] = prods
-        n_producers[u.name] = len(prods)
-        for j, (mname, _idxs, _root) in enumerate(prods):
-            mod = modules[mname]
-            if isinstance(mod, nn.modules.conv._ConvNd):
-                def hook(md, _inp, out, key=f"{u.name}#{j}"):
-                    add(key, conv_filter_divergence(out, md.weight), out.shape[0])
-            else:
-                def hook(md, _inp, out, key=f"{u.name}#{j}"):
-                    add(key, neuron_divergence(out, md.weight), out.shape[0])
-            handles.append(mod.register_forward_hook(hook))
+    acc = _Sums()
+    handles, plans = _attach(model, units, acc, relu_heads, group_reduce)
     n_batches = 0
     try:
         with eval_mode(model):
@@ -180,31 +137,88 @@ def divergence_scores(model: nn.Module, units: Sequence, batches: Iterable, *, r
             h.remove()
     if n_batches == 0:
         raise FlowpruneError("the divergence score needs at least one calibration batch")
-    out: dict[str, torch.Tensor] = {}
+    return {u.name: _unit_score(u, plans.get(u.name), acc, group_reduce) for u in units}
+
+
+class _Sums:
+    """Per-key running sums of per-sample scores (weighted by the batch size) and sample counts."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, key: str, s: torch.Tensor, b: int) -> None:
+        s = s.detach().double().cpu() * b
+        self.sums[key] = self.sums[key] + s if key in self.sums else s
+        self.counts[key] = self.counts.get(key, 0) + b
+
+    def mean(self, key: str) -> torch.Tensor | None:
+        return self.sums[key] / self.counts[key] if key in self.sums else None
+
+
+def _attach(model: nn.Module, units: Sequence, acc: _Sums, relu_heads: bool, group_reduce: str):
+    """Register the score hooks; returns ``(handles, {unit: [(producer, idxs, root_idxs)]})``."""
+    handles = []
+    modules = dict(model.named_modules())
+    plans: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
     for u in units:
-        size = int(u.size)
-        if u.name in plans:
-            total = torch.zeros(size, dtype=torch.float64)
-            hits = torch.zeros(size, dtype=torch.float64)
-            for j, (_mname, idxs, root) in enumerate(plans[u.name]):
-                key = f"{u.name}#{j}"
-                if key not in sums:
-                    continue
-                per_row = sums[key] / counts[key]
-                total.index_add_(0, root.long(), per_row[idxs.long()])
-                hits.index_add_(0, root.long(), torch.ones(len(root), dtype=torch.float64))
-            if hits.min() == 0:
-                raise FlowpruneError(f"divergence score: unit {u.name!r} was never run by the forward pass")
-            s = total / hits if group_reduce == "mean" else total
-        else:
-            if u.name not in sums:
-                raise FlowpruneError(f"divergence score: unit {u.name!r} was never run by the forward pass")
-            s = sums[u.name] / counts[u.name]
-        if s.numel() != size:
-            raise FlowpruneError(f"divergence score: unit {u.name!r} has size {size} but its module gives "
-                                 f"{s.numel()} scores")
-        out[u.name] = s.float()
-    return out
+        kind = _unit_kind(u)
+        m = u.module
+        if kind == "head":
+            proj = getattr(m, "proj", None)
+            qkv = getattr(m, "qkv", None)
+            if not isinstance(proj, nn.Linear) or not isinstance(qkv, nn.Linear):
+                raise FlowpruneError(f"divergence score: attention unit {u.name!r} needs 'qkv' and 'proj' Linear "
+                                     "layers (timm Attention layout)")
+
+            def pre_hook(_mod, inp, key=u.name, att=m):
+                o = inp[0]
+                acc.add(key, head_divergence(o, att.qkv.weight, int(att.num_heads), relu_heads), o.shape[0])
+            handles.append(proj.register_forward_pre_hook(pre_hook))
+            continue
+        prods = _producers(u)
+        if group_reduce == "root":
+            prods = prods[:1]
+        prods = [p for p in prods if isinstance(modules.get(p[0]), (nn.modules.conv._ConvNd, nn.Linear))]
+        if not prods:
+            prods = [(u.name, torch.arange(int(u.size)), torch.arange(int(u.size)))]
+            modules.setdefault(u.name, m)
+        plans[u.name] = prods
+        for j, (mname, _idxs, _root) in enumerate(prods):
+            mod = modules[mname]
+            if isinstance(mod, nn.modules.conv._ConvNd):
+                def hook(md, _inp, out, key=f"{u.name}#{j}"):
+                    acc.add(key, conv_filter_divergence(out, md.weight), out.shape[0])
+            else:
+                def hook(md, _inp, out, key=f"{u.name}#{j}"):
+                    acc.add(key, neuron_divergence(out, md.weight), out.shape[0])
+            handles.append(mod.register_forward_hook(hook))
+    return handles, plans
+
+
+def _unit_score(u, plan, acc: _Sums, group_reduce: str) -> torch.Tensor:
+    """The unit's score vector from the hooks' sums (coupled producers combined by ``group_reduce``)."""
+    size = int(u.size)
+    if plan is not None:
+        total = torch.zeros(size, dtype=torch.float64)
+        hits = torch.zeros(size, dtype=torch.float64)
+        for j, (_mname, idxs, root) in enumerate(plan):
+            per_row = acc.mean(f"{u.name}#{j}")
+            if per_row is None:
+                continue
+            total.index_add_(0, root.long(), per_row[idxs.long()])
+            hits.index_add_(0, root.long(), torch.ones(len(root), dtype=torch.float64))
+        if hits.min() == 0:
+            raise FlowpruneError(f"divergence score: unit {u.name!r} was never run by the forward pass")
+        s = total / hits if group_reduce == "mean" else total
+    else:
+        s = acc.mean(u.name)
+        if s is None:
+            raise FlowpruneError(f"divergence score: unit {u.name!r} was never run by the forward pass")
+    if s.numel() != size:
+        raise FlowpruneError(f"divergence score: unit {u.name!r} has size {size} but its module gives "
+                             f"{s.numel()} scores")
+    return s.float()
 
 
 @register_score("divergence")
