@@ -29,8 +29,12 @@ A routed model (:class:`flowprune.route.cascade.Cascade`, or a directory written
 ``flowprune route``) exports as a directory: ``light.onnx``, ``heavy.onnx`` (and ``router.onnx``
 for the learned router) plus ``cascade.json`` (router name and config, threshold, what each file
 outputs). :class:`OnnxCascade` reproduces the cascade's decisions from those files with numpy and
-onnxruntime only. Supported routers: ``confidence``, ``entropy``, ``l1`` and ``learned``; the
-``random`` router (not a function of the input) and early-exit cascades raise FlowpruneError.
+onnxruntime only. What a router needs is read from its class: a router with a numpy formula
+(``Router.score_numpy``: ``confidence``, ``entropy``, ``l1``) is computed by the runner from its
+name and config; any other router (``learned``, or one of your own) is traced to ``router.onnx``
+(inputs ``logits`` and, when it ``needs_features``, ``features``). Routers with
+``exportable = False`` (``random``: not a function of the input) and early-exit cascades raise
+FlowpruneError.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ FORMATS = ("onnx", "pt2")
 EXPORTERS = ("auto", "dynamo", "torchscript")
 CASCADE_FORMAT = "flowprune-onnx-cascade"
 CASCADE_FILE = "cascade.json"
+#: the built-in routers that export (the registry decides: ``Router.exportable``; kept for old imports)
 CASCADE_ROUTERS = ("confidence", "entropy", "l1", "learned")
 ATOL = 1e-4
 RTOL = 1e-4
@@ -457,13 +462,34 @@ class _LogitsAndFeatures(nn.Module):
         return logits, f.flatten(1)
 
 
-class _LearnedRouterNet(nn.Module):
+class _RouterNet(nn.Module):
+    """A router as a traceable module: ``(logits[, features]) -> score``."""
+
     def __init__(self, router):
         super().__init__()
         self.router = router
 
-    def forward(self, logits, feats):
+    def forward(self, logits, feats=None):
         return self.router(logits, feats)
+
+
+def _has_numpy_score(router) -> bool:
+    """Whether a router (class or instance) has a numpy formula the ONNX runner can compute."""
+    from flowprune.route.routers import Router
+
+    cls = router if isinstance(router, type) else type(router)
+    return cls.score_numpy is not Router.score_numpy
+
+
+def _check_router_exports(r) -> None:
+    """Raise unless the cascade's router can be exported now (exportable, fitted or resolved)."""
+    from flowprune.route.routers import list_routers, router_class
+
+    if not getattr(r, "exportable", False):
+        ok = [n for n in list_routers() if router_class(n).exportable]
+        raise FlowpruneError(f"the {r.name!r} router cannot be exported: its decisions are not a function of the input "
+                             f"(seeded random draws); routers that export: {', '.join(ok)}")
+    r.check_ready()  # e.g. an l1 direction still 'auto': calibrate the cascade first
 
 
 def export_cascade(cascade, path: str | os.PathLike, *, exporter: str = "auto", opset: int | None = None,
@@ -486,11 +512,7 @@ def export_cascade(cascade, path: str | os.PathLike, *, exporter: str = "auto", 
         raise FlowpruneError(f"expected a routed model (flowprune.route Cascade) or its directory, "
                              f"got {type(cascade).__name__}")
     r = cascade.router
-    if r.name not in CASCADE_ROUTERS:
-        raise FlowpruneError(f"the {r.name!r} router cannot be exported: its decisions are not a function of the input "
-                             f"(seeded random draws); routers that export: {', '.join(CASCADE_ROUTERS)}")
-    if r.name == "l1" and getattr(r, "direction", "auto") == "auto":
-        raise FlowpruneError("the l1 router's direction is still 'auto'; calibrate the cascade before exporting it")
+    _check_router_exports(r)
     if exporter not in EXPORTERS:
         raise bad_choice("exporter", exporter, EXPORTERS)
     out = Path(path)
@@ -524,14 +546,9 @@ def export_cascade(cascade, path: str | os.PathLike, *, exporter: str = "auto", 
                            "heavy": {"file": "heavy.onnx", "outputs": ["logits"]},
                            "exporters": {"light": exporters[0], "heavy": exporters[1]},
                            "metadata": getattr(cascade, "flowprune_metadata", {}) or {}}
-    if r.name == "learned":
-        router = copy.deepcopy(r).cpu().eval()
-        with torch.no_grad():
-            lg, ft = light_net(x)
-        info = _write_onnx_router(_LearnedRouterNet(router).eval(), (lg, ft), out / "router.onnx", exporter, opset)
+    if not _has_numpy_score(r):
+        rec["router_file"] = _export_router(r, light_net, x, out, exporter, opset)
         files.append(out / "router.onnx")
-        rec["router_file"] = {"file": "router.onnx", "inputs": ["logits", "features"], "outputs": ["score"],
-                              "exporter": info}
     tmp = out / (CASCADE_FILE + ".tmp")
     try:
         json.dumps(rec)
@@ -550,19 +567,32 @@ def export_cascade(cascade, path: str | os.PathLike, *, exporter: str = "auto", 
                         checked_batches=(2, 5) if errs else (), note="; ".join(notes), files=files)
 
 
-def _write_onnx_router(net: nn.Module, inputs: tuple, out: Path, exporter: str, opset: int | None) -> str:
-    """The learned router as ONNX: (logits, features) -> score; TorchScript exporter (a tiny MLP)."""
+def _export_router(r, light_net: nn.Module, x: torch.Tensor, out: Path, exporter: str, opset: int | None) -> dict:
+    """A router without a numpy formula as ``router.onnx``; returns its ``router_file`` record."""
+    router = copy.deepcopy(r).cpu().eval()
+    with torch.no_grad():
+        lo = light_net(x)
+    inputs = tuple(lo) if isinstance(lo, tuple) else (lo,)
+    names = ["logits", "features"][:len(inputs)]
+    info = _write_onnx_router(_RouterNet(router).eval(), inputs, out / "router.onnx", exporter, opset, names)
+    return {"file": "router.onnx", "inputs": names, "outputs": ["score"], "exporter": info}
+
+
+def _write_onnx_router(net: nn.Module, inputs: tuple, out: Path, exporter: str, opset: int | None,
+                       input_names: list[str] | None = None) -> str:
+    """A router as ONNX: (logits[, features]) -> score; TorchScript exporter (a small function)."""
+    names = input_names or ["logits", "features"]
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp.onnx", dir=out.parent)
     os.close(fd)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(net, inputs, tmp, dynamo=False, input_names=["logits", "features"],
-                              output_names=["score"], opset_version=opset or 17,
-                              dynamic_axes={"logits": {0: "batch"}, "features": {0: "batch"}, "score": {0: "batch"}})
+            torch.onnx.export(net, inputs, tmp, dynamo=False, input_names=names, output_names=["score"],
+                              opset_version=opset or 17,
+                              dynamic_axes={**{n: {0: "batch"} for n in names}, "score": {0: "batch"}})
         os.replace(tmp, out)
     except Exception as e:  # noqa: BLE001
-        raise FlowpruneError(f"could not export the learned router ({_short(e)})") from None
+        raise FlowpruneError(f"could not export the {getattr(net, 'router', net).name!r} router ({_short(e)})") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -585,22 +615,6 @@ def _check_cascade(cascade, out: Path) -> None:
 
 # ----------------------------------------------------------------------------------------- runner
 
-def _confidence(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float32)
-    top = z.argmax(axis=1)
-    zt = np.take_along_axis(z, top[:, None], axis=1)
-    e = np.exp(z - zt)
-    e[np.arange(len(z)), top] = 0.0
-    return np.log1p(e.sum(axis=1, dtype=np.float32)).astype(np.float32)
-
-
-def _entropy(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float32)
-    m = z.max(axis=1, keepdims=True)
-    logp = z - m - np.log(np.exp(z - m).sum(axis=1, keepdims=True))
-    return -(np.exp(logp) * logp).sum(axis=1).astype(np.float32)
-
-
 class RoutedOutput(types.SimpleNamespace):
     """``logits (B, K)``, ``expert (B,)`` (0 light, 1 heavy), ``score (B,)``; ``predictions``, ``heavy_usage``."""
 
@@ -611,6 +625,22 @@ class RoutedOutput(types.SimpleNamespace):
     @property
     def heavy_usage(self) -> float:
         return float(self.expert.mean()) if self.expert.size else 0.0
+
+
+def _runner_router(rec: dict):
+    """The router of an exported record without ``router.onnx``: rebuilt from the registry by name + config."""
+    from flowprune.route.routers import list_routers, router_class
+
+    ok = [n for n in list_routers() if _has_numpy_score(router_class(n))]
+    name = rec.get("router")
+    if name not in ok:
+        raise bad_choice("exported router", name, ok)
+    cfg = rec.get("router_config", {})
+    if not isinstance(cfg, dict):
+        raise FlowpruneError(f"router_config of the exported cascade must be an object, got {cfg!r}")
+    from flowprune.route.routers import get_router
+
+    return get_router(name, **cfg)
 
 
 class OnnxCascade:
@@ -633,8 +663,7 @@ class OnnxCascade:
         rec = json.loads(f.read_text())
         if rec.get("format") != CASCADE_FORMAT:
             raise FlowpruneError(f"{f} is not an exported flowprune cascade (format={rec.get('format')!r})")
-        if rec.get("router") not in CASCADE_ROUTERS:
-            raise bad_choice("exported router", rec.get("router"), CASCADE_ROUTERS)
+        formula = None if isinstance(rec.get("router_file"), dict) else _runner_router(rec)
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -653,19 +682,16 @@ class OnnxCascade:
         self.input_shape = tuple(rec["input_shape"])
         self.light = sess(rec["light"]["file"])
         self.heavy = sess(rec["heavy"]["file"])
-        self.router_session = sess(rec["router_file"]["file"]) if self.router == "learned" else None
+        self.formula = formula  # a Router rebuilt from the registry (numpy formula), or None
+        self.router_session = sess(rec["router_file"]["file"]) if formula is None else None
 
     def scores(self, logits: np.ndarray, feats: np.ndarray | None) -> np.ndarray:
         """The router's difficulty score per sample (higher = escalate)."""
-        if self.router == "confidence":
-            return _confidence(logits)
-        if self.router == "entropy":
-            return _entropy(logits)
-        if self.router == "l1":
-            n = np.abs(feats.astype(np.float32)).mean(axis=1)
-            return (-n if self.router_config.get("direction") == "low_is_hard" else n).astype(np.float32)
-        return self.router_session.run(None, {"logits": logits.astype(np.float32),
-                                              "features": feats.astype(np.float32)})[0].reshape(-1)
+        if self.formula is not None:
+            return self.formula.score_numpy(logits, feats)
+        names = self.record["router_file"].get("inputs", ["logits", "features"])
+        arrays = {"logits": logits, "features": feats}
+        return self.router_session.run(None, {n: arrays[n].astype(np.float32) for n in names})[0].reshape(-1)
 
     def route(self, x: np.ndarray, threshold: float | None = None) -> RoutedOutput:
         x = np.ascontiguousarray(x, dtype=np.float32)

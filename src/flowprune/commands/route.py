@@ -20,13 +20,17 @@ HELP = "route inputs between a light (pruned) and a heavy (full) model with a ca
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from flowprune.route.routers import ROUTERS
+    from flowprune.route.routers import describe_options, list_routers
 
     setup_parser(p)
     p.add_argument("--light", required=True, help="saved light expert (directory written by flowprune)")
     p.add_argument("--heavy", required=True, help="saved heavy expert (directory written by flowprune)")
     add_data_arguments(p)
-    p.add_argument("--router", default="confidence", choices=ROUTERS, help="routing signal (default confidence)")
+    p.add_argument("--router", default="confidence", choices=list_routers(),
+                   help="routing signal (default confidence); any router registered with @register_router")
+    p.add_argument("--router-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the router, repeatable; values: true/false, none, numbers or names. "
+                        + "; ".join(f"{n}: {describe_options(n)}" for n in list_routers()))
     g = p.add_mutually_exclusive_group()
     g.add_argument("--heavy-budget", type=float, default=None,
                    help="fraction of inputs sent to the heavy expert, in [0, 1] (default 0.5)")
@@ -35,7 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tolerance", type=float, default=0.05,
                    help="accepted standard error of the calibrated usage/accuracy (default 0.05)")
     p.add_argument("--l1-direction", default="auto", choices=("auto", "low_is_hard", "high_is_hard"),
-                   help="l1 router: which feature-norm direction means hard (auto: chosen on val)")
+                   help="l1 router: which feature-norm direction means hard (auto: chosen on val); "
+                        "same as --router-option direction=...")
     p.add_argument("--learned-fraction", type=float, default=0.5,
                    help="learned router: share of the val split that trains it, in (0, 1) (default 0.5)")
     p.add_argument("--learned-hidden", type=int, default=32, help="learned router: hidden units (default 32)")
@@ -45,24 +50,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory (results.json, pareto.png, cascade/)")
 
 
+def _router_options(args: argparse.Namespace) -> dict:
+    """``--router-option k=v`` (checked against the router's options), plus the older
+    ``--l1-direction`` for a router that takes a ``direction`` (an explicit option wins)."""
+    from flowprune.route.routers import parse_router_options, router_class
+
+    rk = parse_router_options(args.router_option, args.router)
+    if args.l1_direction != "auto" and "direction" in router_class(args.router).accepted_options():
+        rk.setdefault("direction", args.l1_direction)
+    return rk
+
+
 def run(args: argparse.Namespace) -> int:
     from flowprune.errors import check_fraction, check_positive_int
     from flowprune.report import format_table
     from flowprune.route.api import route_experts
     from flowprune.route.calibrate import check_target
+    from flowprune.route.routers import get_router
 
     check_target(args.heavy_budget if args.max_drop is not None or args.heavy_budget is not None else 0.5,
                  args.max_drop)
     check_fraction("--tolerance", args.tolerance, low_open=True, high_open=False)
     check_fraction("--learned-fraction", args.learned_fraction, low_open=True, high_open=True)
     check_positive_int("--learned-hidden", args.learned_hidden)
+    rk = _router_options(args)
+    get_router(args.router, **rk)  # an unknown option or a bad value fails here, before any loading
     check_out_path(args.out)
     light = load_model_arg(args.light, "--light")
     heavy = load_model_arg(args.heavy, "--heavy")
     data = load_data(args)
     check_data_fits_model(light, data, "--light")
     check_data_fits_model(heavy, data, "--heavy")
-    rk = {"direction": args.l1_direction} if args.router == "l1" else {}
     run = open_run(args, inputs=(("--light", args.light), ("--heavy", args.heavy)))
     if run.finished:
         return 0

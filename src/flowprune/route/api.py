@@ -20,11 +20,13 @@ import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from flowprune.errors import FlowpruneError, bad_choice, check_fraction, check_positive_int
+from flowprune.config import ProcedureConfig, ProcedureResult, jsonable
+from flowprune.errors import FlowpruneError, check_fraction, check_positive_int
 from flowprune.route.calibrate import (
     Calibration,
     ExpertOutputs,
@@ -37,25 +39,29 @@ from flowprune.route.calibrate import (
 )
 from flowprune.route.cascade import Cascade, check_experts
 from flowprune.route.cost import c_cascade, c_mix, mac_costs, measure_speed, profile_overhead
-from flowprune.route.routers import (
-    ROUTERS,
-    ConfidenceRouter,
-    RandomRouter,
-    auroc,
-    fit_learned_router,
-    make_router,
-)
+from flowprune.route.routers import RandomRouter, Router, auroc, get_router, router_class
 
 SWEEP_USAGES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 @dataclass
-class RouteResult:
-    """The routed model and everything measured about it (``results`` is what results.json holds)."""
+class RouteResult(ProcedureResult):
+    """The routed model and everything measured about it (``results`` is what results.json holds).
+
+    ``.model`` is the cascade (the routed model); ``.to_dict()`` the JSON-safe ``results``.
+    """
 
     cascade: nn.Module
     calibration: Calibration
     results: dict = field(default_factory=dict)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.cascade
+
+    def to_dict(self) -> dict:
+        """What results.json holds (calibration, test numbers, costs, sweep, ...), JSON-safe."""
+        return jsonable(self.results)
 
     def summary(self) -> dict:
         """The headline numbers as a flat dict (percentages as fractions in [0, 1])."""
@@ -79,9 +85,28 @@ class RouteResult:
         return s
 
 
-def _validate_common(data, router: str, heavy_budget, max_drop, tolerance, learned_fraction) -> tuple[str, float, int]:
-    if router not in ROUTERS:
-        raise bad_choice("router", router, ROUTERS)
+def build_router(router: str | Router, options: dict | None = None, *, seed: int = 0, hidden: int = 32) -> Router:
+    """A router from its registry name and ``options`` (a :class:`Router` instance is returned as is).
+
+    A router class that lists ``"seed"`` or ``"hidden"`` in ``inherits`` gets ``seed`` / ``hidden``
+    (route_experts' ``seed`` and ``learned_hidden``) unless ``options`` sets them.
+    """
+    if isinstance(router, Router):
+        if options:
+            raise FlowpruneError(f"router_kwargs {sorted(options)} apply to a router given by name; configure the "
+                                 f"{type(router).__name__} instance itself")
+        return router
+    if not isinstance(router, str):
+        raise FlowpruneError(f"router must be a registered name (flowprune.list_routers()) or a Router, "
+                             f"got {type(router).__name__}")
+    if options is not None and not isinstance(options, dict):
+        raise FlowpruneError(f"router_kwargs must be a dict of the router's options, got {type(options).__name__}")
+    cls = router_class(router)
+    inherited = {k: v for k, v in {"seed": seed, "hidden": hidden}.items() if k in cls.inherits}
+    return get_router(router, **{**inherited, **(options or {})})
+
+
+def _validate_common(data, router: Router, heavy_budget, max_drop, tolerance, learned_fraction) -> tuple[str, float, int]:
     if heavy_budget is None and max_drop is None:
         heavy_budget = 0.5
     mode, target = check_target(heavy_budget, max_drop)
@@ -93,12 +118,12 @@ def _validate_common(data, router: str, heavy_budget, max_drop, tolerance, learn
     if len(data.test) == 0:
         raise FlowpruneError("the test split is empty; nothing to report routed accuracy on")
     n_cal = n_val
-    if router == "learned":
+    if router.fit_on == "held_out":
         check_fraction("learned_fraction", learned_fraction, low_open=True)
         n_fit = int(math.floor(learned_fraction * n_val))
         n_cal = n_val - n_fit
         if n_fit < 1:
-            raise FlowpruneError(f"learned_fraction={learned_fraction} leaves no val sample to train the learned "
+            raise FlowpruneError(f"learned_fraction={learned_fraction} leaves no val sample to train the {router.name} "
                                  f"router on ({n_val} val samples)")
     check_precision(n_cal, mode, target, tolerance)
     return mode, target, n_cal
@@ -245,8 +270,21 @@ def plot_pareto(sweep_res: dict, results: dict, path: str | os.PathLike) -> Path
     return p
 
 
-def _evaluate(cascade, data, *, mode: str, target: float, tolerance: float, learned_fraction: float,
-              learned_hidden: int, out_dir, measure: bool, do_sweep: bool, diagnostic: bool, seed: int,
+def _fit_held_out(cascade, val_outs: ExpertOutputs, fraction: float, seed: int) -> tuple[ExpertOutputs, dict | None]:
+    """A router with ``fit_on == "held_out"`` is fitted on a seeded ``fraction`` of val; returns the rest
+    (the calibration outputs) and the fit record (None when the router fits nothing here)."""
+    router = cascade.router
+    if router.fit_on != "held_out":
+        return val_outs, None
+    perm = torch.randperm(len(val_outs), generator=torch.Generator().manual_seed(seed))
+    n_fit = int(math.floor(fraction * len(val_outs)))
+    fit_outs, cal_outs = val_outs.subset(perm[:n_fit]), val_outs.subset(perm[n_fit:])
+    info = router.fit(fit_outs) or {}
+    router.to(cascade.input_device())
+    return cal_outs, {"fit_samples": n_fit, "calibration_samples": len(cal_outs), **info}
+
+
+def _evaluate(cascade, data, *, mode: str, target: float, tolerance: float, learned_fraction: float, out_dir, measure: bool, do_sweep: bool, diagnostic: bool, seed: int,
               rounds: int, latency_samples: int, diagnostic_steps: int, extra: dict,
               sweep_usages=SWEEP_USAGES, sweep_rounds: int = 1) -> RouteResult:
     from flowprune.report import write_results
@@ -255,17 +293,7 @@ def _evaluate(cascade, data, *, mode: str, target: float, tolerance: float, lear
 
     val_outs = collect_outputs(cascade, data.val)
     test_outs = collect_outputs(cascade, data.test)
-    cal_outs = val_outs
-    learned_info = None
-    if cascade.router.name == "learned" or getattr(cascade, "_wants_learned", False):
-        perm = torch.randperm(len(val_outs), generator=torch.Generator().manual_seed(seed))
-        n_fit = int(math.floor(learned_fraction * len(val_outs)))
-        fit_outs, cal_outs = val_outs.subset(perm[:n_fit]), val_outs.subset(perm[n_fit:])
-        cascade.router = fit_learned_router(fit_outs.light_logits, fit_outs.feats, ~fit_outs.light_correct,
-                                            hidden=learned_hidden, seed=seed)
-        cascade.router.to(cascade.input_device())
-        learned_info = {"fit_samples": n_fit, "calibration_samples": len(cal_outs),
-                        "fit_mistakes": int((~fit_outs.light_correct).sum())}
+    cal_outs, fit_info = _fit_held_out(cascade, val_outs, learned_fraction, seed)
     kw = {"heavy_budget": target} if mode == "heavy_budget" else {"max_drop": target}
     cal = calibrate(cascade, cal_outs, tolerance=tolerance, **kw)
     routed = _route_split(cascade, data.test)
@@ -291,11 +319,11 @@ def _evaluate(cascade, data, *, mode: str, target: float, tolerance: float, lear
     # flat headline keys the issue names
     results.update({"accuracy": test["accuracy"], "heavy_usage": p, "C_mix": costs["C_mix"],
                     "C_cascade": costs["C_cascade"], "threshold": cal.to_dict()["threshold"]})
-    if learned_info:
-        results["learned_router"] = learned_info
+    if fit_info:
+        results[f"{cascade.router.name}_router"] = fit_info
     test_x = data.test.tensors[0]
     if do_sweep:
-        results["sweep"] = sweep(cascade, val_outs if learned_info is None else cal_outs, test_outs, test_x, costs,
+        results["sweep"] = sweep(cascade, val_outs if fit_info is None else cal_outs, test_outs, test_x, costs,
                                  usages=sweep_usages, measure=measure, rounds=sweep_rounds, seed=seed)
     if measure:
         sp = measure_speed(cascade, test_x, rounds=rounds, latency_samples=latency_samples)
@@ -320,14 +348,56 @@ def _evaluate(cascade, data, *, mode: str, target: float, tolerance: float, lear
     return res
 
 
-def route_experts(light: nn.Module, heavy: nn.Module, data, *, router: str = "confidence",
-                  heavy_budget: float | None = None, max_drop: float | None = None, tolerance: float = 0.05,
-                  router_kwargs: dict | None = None, learned_fraction: float = 0.5, learned_hidden: int = 32,
-                  out_dir: str | os.PathLike | None = None, measure: bool = True, sweep: bool = True,
-                  diagnostic: bool = True, diagnostic_steps: int = 20, rounds: int = 3, latency_samples: int = 100,
-                  sweep_usages=SWEEP_USAGES, sweep_rounds: int = 1, seed: int = 0,
-                  device: str | torch.device | None = None) -> RouteResult:
+@dataclass
+class RouteConfig(ProcedureConfig):
+    """The options of :func:`route_experts` (see its docstring); ``RouteConfig.resolve(config, overrides)``."""
+
+    router: Any = "confidence"
+    heavy_budget: float | None = None
+    max_drop: float | None = None
+    tolerance: float = 0.05
+    router_kwargs: dict | None = None
+    learned_fraction: float = 0.5
+    learned_hidden: int = 32
+    out_dir: Any = None
+    measure: bool = True
+    sweep: bool = True
+    diagnostic: bool = True
+    diagnostic_steps: int = 20
+    rounds: int = 3
+    latency_samples: int = 100
+    sweep_usages: Any = SWEEP_USAGES
+    sweep_rounds: int = 1
+    seed: int = 0
+    device: Any = None
+
+    def target(self) -> tuple[str, float]:
+        """``(mode, value)``: the calibration target (neither given: ``heavy_budget=0.5``)."""
+        hb = 0.5 if self.heavy_budget is None and self.max_drop is None else self.heavy_budget
+        return check_target(hb, self.max_drop)
+
+    def validate(self) -> RouteConfig:
+        if not isinstance(self.router, Router):
+            if not isinstance(self.router, str):
+                raise FlowpruneError(f"router must be a registered name (flowprune.list_routers()) or a Router, "
+                                     f"got {type(self.router).__name__}")
+            router_class(self.router)
+        if self.router_kwargs is not None and not isinstance(self.router_kwargs, dict):
+            raise FlowpruneError(f"router_kwargs must be a dict of the router's options, got "
+                                 f"{type(self.router_kwargs).__name__}")
+        self.target()
+        check_fraction("tolerance", self.tolerance, low_open=True, high_open=False)
+        check_positive_int("rounds", self.rounds)
+        check_positive_int("latency_samples", self.latency_samples)
+        return self
+
+
+def route_experts(light: nn.Module, heavy: nn.Module, data, config: RouteConfig | dict | None = None,
+                  **overrides) -> RouteResult:
     """Put ``light`` and ``heavy`` behind a calibrated router, measure it, and optionally save it.
+
+    ``route_experts(light, heavy, data, config=None, **overrides)``: the options are the fields of
+    :class:`RouteConfig`, given as a config, as keywords, or both (keywords win).
 
     The experts are copied (never changed). Exactly one of ``heavy_budget`` (fraction of inputs
     sent to the heavy expert) and ``max_drop`` (accuracy drop allowed versus the heavy expert on
@@ -336,10 +406,12 @@ def route_experts(light: nn.Module, heavy: nn.Module, data, *, router: str = "co
     Args:
         light, heavy: trained models with the same input shape and classes.
         data: a :class:`flowprune.data.DataSplits`; val calibrates, test reports.
-        router: ``confidence`` (default), ``entropy``, ``l1``, ``learned`` or ``random``.
+        router: a registered name (``flowprune.list_routers()``: ``confidence`` (default), ``entropy``,
+            ``l1``, ``learned``, ``random`` and any ``@register_router``) or a :class:`Router` instance.
         tolerance: accepted standard error of the calibrated usage/accuracy (see calibrate.py).
-        router_kwargs: constructor options (``{"direction": "low_is_hard"}`` for l1, ``{"seed": 1}``...).
-        learned_fraction: share of val that trains the learned router (the rest calibrates).
+        router_kwargs: the router's options (``{"direction": "low_is_hard"}`` for l1, ``{"seed": 1}``...).
+        learned_fraction: share of val that fits a router with ``fit_on == "held_out"`` (learned); the
+            rest calibrates. ``learned_hidden``: the learned router's hidden units (unless in router_kwargs).
         out_dir: writes ``results.json``, ``pareto.png`` and ``cascade/`` (load with ``load_cascade``).
         measure: time heavy/light/routed (batch 1, 64, 256) and the routing overhead.
         sweep: threshold sweep -> Pareto curve with the random-routing curve.
@@ -350,15 +422,16 @@ def route_experts(light: nn.Module, heavy: nn.Module, data, *, router: str = "co
             heavy expert's device); the experts are copied there.
 
     Returns:
-        :class:`RouteResult` (``.cascade``, ``.calibration``, ``.results``, ``.summary()``).
+        :class:`RouteResult` (``.cascade`` = ``.model``, ``.calibration``, ``.results``, ``.summary()``,
+        ``.to_dict()``).
 
     Raises:
-        FlowpruneError: unknown router, experts that do not match, a target outside [0, 1], empty or
-            too small calibration split -- before any work.
+        FlowpruneError: unknown router or router option, experts that do not match, a target outside
+            [0, 1], empty or too small calibration split -- before any work.
     """
-    mode, target, _ = _validate_common(data, router, heavy_budget, max_drop, tolerance, learned_fraction)
-    check_positive_int("rounds", rounds)
-    check_positive_int("latency_samples", latency_samples)
+    cfg = RouteConfig.resolve(config, overrides)
+    r = build_router(cfg.router, cfg.router_kwargs, seed=cfg.seed, hidden=cfg.learned_hidden)
+    mode, target, _ = _validate_common(data, r, cfg.heavy_budget, cfg.max_drop, cfg.tolerance, cfg.learned_fraction)
     shape, nc = check_experts(light, heavy)
     if tuple(shape) != tuple(data.input_shape):
         raise FlowpruneError(f"the experts take inputs of shape {shape} but data set {data.name!r} has "
@@ -367,20 +440,16 @@ def route_experts(light: nn.Module, heavy: nn.Module, data, *, router: str = "co
         raise FlowpruneError(f"the experts have {nc} classes but data set {data.name!r} has {data.num_classes}")
     from flowprune.device import resolve_device
 
-    dev = resolve_device(device, heavy)
-    rk = dict(router_kwargs or {})
-    r = ConfidenceRouter() if router == "learned" else make_router(router, **rk)
+    dev = resolve_device(cfg.device, heavy)
     cascade = Cascade(copy.deepcopy(light).eval(), copy.deepcopy(heavy).eval(), r, math.inf).to(dev)
-    if router == "learned":
-        cascade._wants_learned = True
-    return _evaluate(cascade, data, mode=mode, target=target, tolerance=tolerance, learned_fraction=learned_fraction,
-                     learned_hidden=learned_hidden, out_dir=out_dir, measure=measure, do_sweep=sweep,
-                     diagnostic=diagnostic, seed=seed, rounds=rounds, latency_samples=latency_samples,
-                     diagnostic_steps=diagnostic_steps, extra={}, sweep_usages=sweep_usages,
-                     sweep_rounds=sweep_rounds)
+    return _evaluate(cascade, data, mode=mode, target=target, tolerance=cfg.tolerance,
+                     learned_fraction=cfg.learned_fraction, out_dir=cfg.out_dir, measure=cfg.measure,
+                     do_sweep=cfg.sweep, diagnostic=cfg.diagnostic, seed=cfg.seed, rounds=cfg.rounds,
+                     latency_samples=cfg.latency_samples, diagnostic_steps=cfg.diagnostic_steps, extra={},
+                     sweep_usages=cfg.sweep_usages, sweep_rounds=cfg.sweep_rounds)
 
 
-def route_early_exit(model: nn.Module, data, *, stage: str | None = None, router: str = "confidence",
+def route_early_exit(model: nn.Module, data, *, stage: str | None = None, router: str | Router = "confidence",
                      heavy_budget: float | None = None, max_drop: float | None = None, tolerance: float = 0.05,
                      router_kwargs: dict | None = None, head_epochs: int = 10, learned_fraction: float = 0.5,
                      learned_hidden: int = 32, out_dir: str | os.PathLike | None = None, measure: bool = True,
@@ -391,13 +460,10 @@ def route_early_exit(model: nn.Module, data, *, stage: str | None = None, router
     the backbone frozen; escalated samples continue from the stage's activation."""
     from flowprune.route.cascade import build_early_exit
 
-    mode, target, _ = _validate_common(data, router, heavy_budget, max_drop, tolerance, learned_fraction)
-    rk = dict(router_kwargs or {})
-    r = ConfidenceRouter() if router == "learned" else make_router(router, **rk)
+    r = build_router(router, router_kwargs, seed=seed, hidden=learned_hidden)
+    mode, target, _ = _validate_common(data, r, heavy_budget, max_drop, tolerance, learned_fraction)
     cascade = build_early_exit(model, data, stage=stage, router=r, epochs=head_epochs, seed=seed)
-    if router == "learned":
-        cascade._wants_learned = True
     return _evaluate(cascade, data, mode=mode, target=target, tolerance=tolerance, learned_fraction=learned_fraction,
-                     learned_hidden=learned_hidden, out_dir=out_dir, measure=measure, do_sweep=sweep,
+                     out_dir=out_dir, measure=measure, do_sweep=sweep,
                      diagnostic=diagnostic, seed=seed, rounds=rounds, latency_samples=latency_samples,
                      diagnostic_steps=20, extra={"exit_stage": cascade.stage})

@@ -195,30 +195,29 @@ def calibrate(cascade, outs: ExpertOutputs, *, heavy_budget: float | None = None
               tolerance: float = 0.05) -> Calibration:
     """Pick ``cascade.threshold`` on calibration outputs; sets it **in place** and returns the record.
 
-    Also resolves an ``"auto"`` l1-router direction in place (recorded in ``extra``). The
-    random router's generator is rewound afterwards.
+    A router with ``fit_on == "calibration"`` is fitted on ``outs`` first (the l1 router resolves an
+    ``"auto"`` direction in place; its evidence is recorded in ``extra[router.name]``). A router
+    with a data-free ``budget_threshold`` (random) uses it. The router's state is rewound afterwards.
 
     Raises:
         FlowpruneError: no or two targets, a target outside [0, 1], an empty calibration split, or
             one too small for ``tolerance`` (see the module docstring) -- all before any work.
     """
-    from flowprune.route.routers import L1Router, resolve_l1_direction
-
     mode, target = check_target(heavy_budget, max_drop)
     tolerance = check_fraction("tolerance", tolerance, low_open=True, high_open=False)
     check_precision(len(outs), mode, target, tolerance)
     router = cascade.router
     extra: dict = {}
-    if isinstance(router, L1Router):
-        if outs.feats is None:
-            raise FlowpruneError("the l1 router needs features in the calibration outputs")
-        extra["l1"] = resolve_l1_direction(router, outs.feats, ~outs.light_correct)
-    if getattr(router, "needs_fitting", False) and not getattr(router, "fitted", False):
-        raise FlowpruneError("the learned router has not been trained; use fit_learned_router first")
+    if router.fit_on == "calibration":
+        extra[router.name] = router.fit(outs)
+    if router.fit_on == "held_out" and not getattr(router, "fitted", False):
+        raise FlowpruneError(f"the {router.name} router has not been trained; fit it on held-out outputs first "
+                             "(router.fit(outputs), or fit_learned_router)")
     with torch.no_grad():
         scores = router(outs.light_logits, outs.feats).detach().cpu()
-    if router.name == "random" and mode == "heavy_budget":
-        tau = 1.0 - target if 0 < target < 1 else (math.inf if target == 0 else -math.inf)
+    data_free = router.budget_threshold(target) if mode == "heavy_budget" else None
+    if data_free is not None:
+        tau = data_free
     elif mode == "heavy_budget":
         tau = threshold_for_budget(scores, target)
     else:

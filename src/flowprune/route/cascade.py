@@ -198,12 +198,71 @@ class Cascade(_RoutedBase):
 
 
 # --------------------------------------------------------------------------------------- early exit
+#
+# An exit is attached by a forward hook at a named module of any network (a flowprune zoo model, a
+# torchvision or timm model): the light part runs the network until that module has produced its
+# output (the hook stops the forward there), the exit head classifies that activation, and an
+# escalated sample continues from it through the rest of the network, a torch.fx graph cut out of
+# the network's own forward after the exit module. A network whose forward fx cannot trace (or
+# whose later layers read values from before the exit) reruns whole on the escalated samples.
+
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Tanh, nn.Sigmoid, nn.Hardswish)
+
+
+class _ExitReached(Exception):
+    """Raised by the exit hook: the forward stops once the exit module has run."""
+
+    def __init__(self, out):
+        super().__init__("exit reached")
+        self.out = out
+
+
+def check_exit(model: nn.Module, stage: str) -> str:
+    """``stage`` if it names a module of ``model`` an exit can follow (not the model itself, not its classifier)."""
+    from flowprune.models import classifier_layer
+
+    mods = dict(model.named_modules())
+    top = [n for n, _ in model.named_children()]
+    if not isinstance(stage, str) or stage == "" or stage not in mods:
+        raise FlowpruneError(f"unknown exit module {stage!r} for {type(model).__name__}; give the name of one of its "
+                             f"modules (model.named_modules()), e.g. a top-level one: {', '.join(top)}")
+    try:
+        fc = classifier_layer(model)
+    except FlowpruneError:
+        fc = None
+    if mods[stage] is fc:
+        raise FlowpruneError(f"exit module {stage!r} is {type(model).__name__}'s classifier; an exit goes before it "
+                             f"(top-level modules: {', '.join(top)})")
+    return stage
+
+
+def default_exit_stage(model: nn.Module) -> str:
+    """Where an exit goes when none is named, from the model's top-level stages.
+
+    ``layer1`` when the model has one (flowprune's ResNets and WideResNets, torchvision and timm
+    ResNets); otherwise the top-level Sequential with the most children (``body`` of flowprune's
+    MLP, CNN1d and VGG; ``blocks`` of a ViT; ``features`` of a torchvision VGG): its middle
+    activation (counting activations: ``(n - 1) // 2``), or its middle child when it has none.
+    """
+    names = dict(model.named_modules())
+    if "layer1" in names:
+        return "layer1"
+    seqs = [(n, m) for n, m in model.named_children() if isinstance(m, (nn.Sequential, nn.ModuleList)) and len(m) >= 2]
+    if not seqs:
+        raise FlowpruneError(f"cannot pick an exit for {type(model).__name__}: no layer1 and no top-level Sequential; "
+                             f"name one (stage=...), e.g. one of its top-level modules: "
+                             f"{', '.join(n for n, _ in model.named_children())}")
+    name, seq = max(seqs, key=lambda t: len(t[1]))
+    acts = [i for i, m in enumerate(seq) if isinstance(m, _ACTIVATIONS)]
+    k = acts[max(0, (len(acts) - 1) // 2)] if acts else (len(seq) - 1) // 2
+    return f"{name}.{k}"
+
 
 def pipeline(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The model as an ordered list of ``(name, module)`` whose composition is its forward.
+    """The zoo model as an ordered list of ``(name, module)`` whose composition is its forward.
 
-    Known zoo classes: CifarResNet, WideResNet (conv1 ... layer1..3 ... fc) and the models with
-    a ``body`` Sequential (MLP/LeNet-300, CNN1d, VGG: ``body.0``, ``body.1``, ...).
+    Known zoo classes only (CifarResNet, WideResNet, MLP, CNN1d, VGG). The early-exit cascade no
+    longer needs it (exits attach by hooks at any named module); kept for callers of :func:`split_at`.
     """
     from flowprune.models import MLP, VGG, CifarResNet, CNN1d, WideResNet
 
@@ -216,22 +275,13 @@ def pipeline(model: nn.Module) -> list[tuple[str, nn.Module]]:
     elif isinstance(model, (CNN1d, VGG)):
         names = [f"body.{i}" for i in range(len(model.body))] + ["pool", "flatten", "fc"]
     else:
-        raise FlowpruneError(f"early exit supports CifarResNet, WideResNet, MLP, CNN1d and VGG models, "
-                             f"not {type(model).__name__}; use a two-expert Cascade instead")
+        raise FlowpruneError(f"pipeline() knows CifarResNet, WideResNet, MLP, CNN1d and VGG models, not "
+                             f"{type(model).__name__}; an EarlyExitCascade takes any model (exits by module name)")
     return [(n, model.get_submodule(n)) for n in names]
 
 
-def default_exit_stage(model: nn.Module) -> str:
-    """ResNets: ``layer1``; body models: the middle of the body, after a ReLU."""
-    names = [n for n, _ in pipeline(model)]
-    if "layer1" in names:
-        return "layer1"
-    body = [n for n, m in pipeline(model) if n.startswith("body.") and isinstance(m, nn.ReLU)]
-    return body[max(0, (len(body) - 1) // 2)]
-
-
 def split_at(model: nn.Module, stage: str) -> tuple[nn.Sequential, nn.Sequential]:
-    """(prefix, suffix) Sequentials sharing ``model``'s modules, split after module ``stage``."""
+    """(prefix, suffix) Sequentials sharing a zoo ``model``'s modules, split after module ``stage``."""
     pipe = pipeline(model)
     names = [n for n, _ in pipe]
     if stage not in names[:-1]:
@@ -239,6 +289,59 @@ def split_at(model: nn.Module, stage: str) -> tuple[nn.Sequential, nn.Sequential
                              f"allowed: {', '.join(names[:-1])}")
     k = names.index(stage) + 1
     return nn.Sequential(*[m for _, m in pipe[:k]]), nn.Sequential(*[m for _, m in pipe[k:]])
+
+
+class _Prefix(nn.Module):
+    """The backbone run until module ``stage`` has produced its output, which it returns (nothing after runs)."""
+
+    def __init__(self, backbone: nn.Module, stage: str):
+        super().__init__()
+        self.backbone, self.stage = backbone, stage
+
+    def forward(self, x):
+        def stop(_m, _inp, out):
+            raise _ExitReached(out)
+
+        h = self.backbone.get_submodule(self.stage).register_forward_hook(stop)
+        try:
+            self.backbone(x)
+        except _ExitReached as e:
+            return e.out
+        finally:
+            h.remove()
+        raise FlowpruneError(f"exit module {self.stage!r} did not run in {type(self.backbone).__name__}'s forward")
+
+
+def suffix_after(model: nn.Module, stage: str) -> nn.Module | None:
+    """The rest of ``model``'s forward after module ``stage``, as an fx GraphModule ``h -> logits``
+    sharing ``model``'s modules; None when fx cannot trace the model or the rest reads anything
+    computed before ``stage`` other than its output (then escalated samples rerun the model)."""
+    import torch.fx as fx
+
+    class _Tracer(fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return qualname == stage or super().is_leaf_module(m, qualname)
+
+    try:
+        graph = _Tracer().trace(model)
+    except Exception:  # noqa: BLE001 - not traceable: the rerun path
+        return None
+    nodes = list(graph.nodes)
+    cut = [n for n in nodes if n.op == "call_module" and n.target == stage]
+    if len(cut) != 1:
+        return None
+    i = nodes.index(cut[0])
+    before = set(nodes[:i])
+    new = fx.Graph()
+    env = {cut[0]: new.placeholder("h")}
+    for n in nodes[i + 1:]:
+        for d in n.all_input_nodes:
+            if d in before and d not in env:
+                if d.op != "get_attr":
+                    return None
+                env[d] = new.node_copy(d, lambda a: env[a])
+        env[n] = new.node_copy(n, lambda a: env[a])
+    return fx.GraphModule(model, new)
 
 
 class ExitHead(nn.Module):
@@ -260,26 +363,64 @@ class ExitHead(nn.Module):
 
 
 class EarlyExitCascade(_RoutedBase):
-    """One network with an exit head after ``stage``: the same interface as :class:`Cascade`.
+    """One network with an exit head after module ``stage``: the same interface as :class:`Cascade`.
 
-    ``self.light`` (prefix + head) and ``self.heavy`` (the whole network) are exposed for cost
-    accounting; the escalated samples only run the suffix. The backbone is not copied.
+    ``stage`` is any named module of the network (``"layer1"``, ``"body.3"``, ``"blocks.1"``); the
+    exit attaches by a forward hook, so any model works (see :func:`default_exit_stage`).
+    ``self.light`` (network up to the exit + head) and ``self.heavy`` (the whole network) are
+    exposed for cost accounting; escalated samples run only the rest of the network
+    (:attr:`suffix`) when fx can cut it out (``continues_from_exit``), else the whole network.
+    The backbone is not copied. ``input_shape`` is needed only for models not built by flowprune.
     """
 
     kind = "early_exit"
 
-    def __init__(self, model: nn.Module, stage: str, head: ExitHead, router: Router, threshold: float):
+    def __init__(self, model: nn.Module, stage: str, head: ExitHead, router: Router, threshold: float, *,
+                 input_shape=None):
         super().__init__()
         if not isinstance(router, Router):
-            raise FlowpruneError(f"router must be a flowprune Router (make_router(name)), got {type(router).__name__}")
+            raise FlowpruneError(f"router must be a flowprune Router (get_router(name)), got {type(router).__name__}")
         self.backbone = model.eval()
-        self.stage = stage
-        self.prefix, self.suffix = split_at(model, stage)
+        self.stage = check_exit(model, stage)
         self.head = head.eval()
         self.router = router
         self.threshold = self._check_threshold(threshold)
         self.eval()
-        self.input_shape, self.num_classes = expert_signature(model)
+        self.input_shape, self.num_classes = expert_signature(model, input_shape)
+        if self.num_classes is None:
+            self.num_classes = head.out_features
+
+    @property
+    def prefix(self) -> nn.Module:
+        """The network up to the exit (returns the exit module's output)."""
+        return _Prefix(self.backbone, self.stage)
+
+    @property
+    def suffix(self) -> nn.Module | None:
+        """The rest of the network after the exit (``h -> logits``), or None when it cannot be cut out."""
+        key = (id(self.backbone), self.stage)
+        cache = self.__dict__.get("_suffix_cache")
+        if cache is None or cache[0] != key:
+            cache = (key, suffix_after(self.backbone, self.stage))
+            self.__dict__["_suffix_cache"] = cache
+        return cache[1]
+
+    @property
+    def continues_from_exit(self) -> bool:
+        """Whether escalated samples continue from the exit's activation (else the network reruns)."""
+        return self.suffix is not None
+
+    def prefix_modules(self) -> list[nn.Module]:
+        """The modules that run before the exit (for parameter counts), found by one probe forward."""
+        ran: list[nn.Module] = []
+        hooks = [m.register_forward_pre_hook(lambda m, _i: ran.append(m)) for m in self.backbone.modules()]
+        try:
+            with torch.no_grad():
+                self.prefix(torch.zeros(1, *self.input_shape, device=self.input_device()))
+        finally:
+            for h in hooks:
+                h.remove()
+        return list(dict.fromkeys(ran))
 
     @property
     def light(self) -> nn.Module:
@@ -292,10 +433,11 @@ class EarlyExitCascade(_RoutedBase):
     def light_part(self, x):
         h = self.prefix(x)
         f = self.head.features(h)
-        return self.head.fc(f), f, h
+        return self.head.fc(f), f, (h if self.continues_from_exit else x)
 
     def heavy_part(self, carry):
-        return self.suffix(carry)
+        rest = self.suffix
+        return rest(carry) if rest is not None else self.backbone(carry)
 
 
 class _LightExit(nn.Module):
@@ -313,6 +455,9 @@ def build_early_exit(model: nn.Module, data, *, stage: str | None = None, router
                      seed: int = 0) -> EarlyExitCascade:
     """Attach and train an exit head on a **copy** of ``model`` (the backbone stays frozen).
 
+    ``stage``: the name of the module the exit follows (any named module; default
+    :func:`default_exit_stage`: ``layer1``, or the middle of the model's main Sequential).
+
     The head is trained on ``data.train`` (no augmentation) with Adam, cross-entropy, on the
     stage activations computed once with the backbone in eval mode. Returns an
     :class:`EarlyExitCascade` with ``threshold`` (default ``inf``: never exit to the heavy part;
@@ -324,8 +469,8 @@ def build_early_exit(model: nn.Module, data, *, stage: str | None = None, router
 
     check_positive_int("epochs", epochs)
     net = copy.deepcopy(model).eval()
-    stage = stage or default_exit_stage(net)
-    prefix, _ = split_at(net, stage)
+    stage = check_exit(net, stage or default_exit_stage(net))
+    prefix = _Prefix(net, stage)
     acts, ys = [], []
     with torch.no_grad():
         for x, y in make_loader(data.train, 512):
@@ -348,4 +493,5 @@ def build_early_exit(model: nn.Module, data, *, stage: str | None = None, router
             opt.zero_grad()
             loss.backward()
             opt.step()
-    return EarlyExitCascade(net, stage, head.eval(), router or ConfidenceRouter(), threshold)
+    return EarlyExitCascade(net, stage, head.eval(), router or ConfidenceRouter(), threshold,
+                            input_shape=getattr(data, "input_shape", None))

@@ -48,7 +48,7 @@ def mac_costs(cascade) -> dict:
         head_macs = cascade.head.in_features * cascade.head.out_features + cascade.head.out_features
         light_macs = prefix_macs + head_macs
         rest_macs = heavy_macs - prefix_macs
-        light_params = sum(p.numel() for p in cascade.prefix.parameters()) + sum(
+        light_params = sum(p.numel() for m in cascade.prefix_modules() for p in m.parameters(recurse=False)) + sum(
             p.numel() for p in cascade.head.parameters())
     else:
         light_macs, light_params = count_macs_params(cascade.light, shape)

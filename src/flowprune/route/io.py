@@ -7,11 +7,15 @@ Layout of a saved cascade directory::
     DIR/heavy/                   the heavy expert (flowprune.io.save)        [two experts]
     DIR/backbone/                the single network (flowprune.io.save)     [early exit]
     DIR/head.safetensors         the exit head's weights                     [early exit]
-    DIR/router.safetensors       the learned router's weights                [learned router]
+    DIR/router.safetensors       the router's tensors (``state_dict()``)    [routers with state: learned]
 
 Non-finite thresholds are written as the strings ``"inf"`` / ``"-inf"``. ``router.json`` holds an
 ``integrity`` record (SHA-256 of the record and of the extra weight files); loading validates the
 record before building anything (see docs/robustness.md).
+
+The router is stored as its registry name, its ``config()`` (JSON) and its tensors; loading
+rebuilds it from the registry (``Router.from_state``), so a custom router must be registered
+(its module imported) before :func:`load_cascade`. No code is ever read from the directory.
 """
 
 from __future__ import annotations
@@ -68,8 +72,9 @@ def save_cascade(cascade, path: str | os.PathLike, *, metadata: dict | None = No
     else:
         save(cascade.light, out / "light")
         save(cascade.heavy, out / "heavy")
-    if r.name == "learned":
-        write_tensors(r.state_dict(), "router.safetensors")
+    state = r.state_dict()
+    if state:
+        write_tensors(state, "router.safetensors")
     rec["integrity"] = {"record_sha256": _digest(rec), "files_sha256": files}
     try:
         text = json.dumps(rec, indent=1)
@@ -85,8 +90,15 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _ok_option(v) -> bool:
+    """A router_config value: a name, a boolean, None, a small integer or a finite float."""
+    if isinstance(v, (str, bool)) or v is None or (_is_int(v) and 0 <= v <= 10**6):
+        return True
+    return isinstance(v, float) and math.isfinite(v)
+
+
 def _validate(rec: dict, f: Path) -> None:
-    from flowprune.route.routers import ROUTERS
+    from flowprune.route.routers import list_routers
 
     if rec.get("format") != FORMAT:
         raise FlowpruneError(f"{f} is not a flowprune cascade (format={rec.get('format')!r})")
@@ -94,14 +106,16 @@ def _validate(rec: dict, f: Path) -> None:
         raise FlowpruneError(f"{f}: unknown format_version {rec.get('format_version')!r}; this flowprune reads 1")
     if rec.get("kind") not in KINDS:
         raise FlowpruneError(f"{f}: unknown cascade kind {rec.get('kind')!r}; allowed: {', '.join(KINDS)}")
-    if rec.get("router") not in ROUTERS:
-        raise FlowpruneError(f"{f}: unknown router {rec.get('router')!r}; allowed: {', '.join(ROUTERS)}")
+    if rec.get("router") not in list_routers():
+        raise FlowpruneError(f"{f}: unknown router {rec.get('router')!r}; allowed: {', '.join(list_routers())} "
+                             "(a router of your own must be registered, its module imported, before loading)")
     cfg = rec.get("router_config", {})
     if not isinstance(cfg, dict) or not all(isinstance(k, str) for k in cfg):
         raise FlowpruneError(f"{f}: router_config must be an object, got {cfg!r}")
     for k, v in cfg.items():
-        if not (isinstance(v, (str, bool)) or (_is_int(v) and 0 <= v <= 10**6) or v is None):
-            raise FlowpruneError(f"{f}: router_config[{k!r}] must be a small integer, a boolean or a name, got {v!r}")
+        if not _ok_option(v):
+            raise FlowpruneError(f"{f}: router_config[{k!r}] must be a small integer, a finite number, a boolean "
+                                 f"or a name, got {v!r}")
     t = rec.get("threshold")
     if not ((isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t)) or t in ("inf", "-inf")):
         raise FlowpruneError(f"{f}: threshold must be a finite number, 'inf' or '-inf', got {t!r}")
@@ -144,7 +158,7 @@ def load_cascade(path: str | os.PathLike):
     from flowprune.io import load, read_json_file
     from flowprune.route.calibrate import threshold_from_json
     from flowprune.route.cascade import Cascade, EarlyExitCascade, ExitHead
-    from flowprune.route.routers import make_router
+    from flowprune.route.routers import get_router, router_class
 
     d = Path(path)
     f = d / ROUTER_FILE
@@ -159,11 +173,11 @@ def load_cascade(path: str | os.PathLike):
             raise FlowpruneError(f"{f} was changed after saving (its SHA-256 does not match integrity.record_sha256); "
                                  "save the cascade again")
     try:
-        router = make_router(rec["router"], **rec.get("router_config", {}))
-        if rec["router"] == "learned":
-            router.load_state_dict(_read_checked(d, "router.safetensors", integ))
-            router.fitted = True
-        router.eval()
+        get_router(rec["router"], **rec.get("router_config", {}))  # names a bad option before the tensors are read
+        listed = isinstance(integ, dict) and "router.safetensors" in (integ.get("files_sha256") or {})
+        has_state = listed or (d / "router.safetensors").is_file()
+        tensors = _read_checked(d, "router.safetensors", integ) if has_state else None
+        router = router_class(rec["router"]).from_state(rec.get("router_config", {}), tensors)
         thr = threshold_from_json(rec["threshold"])
         if rec["kind"] == "early_exit":
             backbone = load(d / "backbone")
