@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from flowprune.config import RecordResult
 from flowprune.data import DataSplits, make_loader
 from flowprune.io import save
 from flowprune.measure import accuracy, count_macs_params, speed_report
@@ -18,15 +19,20 @@ from flowprune.report import write_results
 from flowprune.train import TrainConfig, fit
 
 
-def train_model(model: str | nn.Module, data: DataSplits, config: TrainConfig | None = None, *,
+def train_model(model: str | nn.Module, data: DataSplits, config: TrainConfig | dict | None = None, *,
                 out_dir: str | os.PathLike | None = None, resume: bool = True, measure_speed: bool = True,
                 progress: bool | None = None, model_kwargs: dict | None = None,
-                device: str | torch.device | None = None, amp: str | None = None) -> dict:
+                device: str | torch.device | None = None, amp: str | None = None, **overrides) -> RecordResult:
     """Build (or take) a model, train it on ``data``, measure it, and save it to ``out_dir``.
 
-    Returns the results dict (also written to ``out_dir/results.json``): ``accuracy`` (test),
-    ``val_accuracy``, ``macs``, ``params``, ``epochs``, ``seed``, timings, and the history. The
-    trained model is under the key ``"model"`` (not written to JSON).
+    Called like every procedure: ``train_model(model, data, config=None, **overrides)`` with a
+    :class:`~flowprune.train.TrainConfig` (or a dict of its fields) and/or its fields as keywords
+    (``train_model("resnet20", data, epochs=15, lr=0.05)``).
+
+    Returns a :class:`~flowprune.config.RecordResult`: ``.model`` is the trained model and
+    ``.record`` (also written to ``out_dir/results.json``) holds ``accuracy`` (test),
+    ``val_accuracy``, ``macs``, ``params``, ``epochs``, ``seed``, timings, and the history; it reads
+    like the dict earlier versions returned (``res["accuracy"]``, ``res["model"]``).
 
     ``device``: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (default: a given model's device; for
     a model name, CUDA when available); ``amp``: ``none``, ``bf16`` or ``fp16`` (see :func:`fit`).
@@ -35,7 +41,7 @@ def train_model(model: str | nn.Module, data: DataSplits, config: TrainConfig | 
     from flowprune import distributed
     from flowprune.device import resolve_device
 
-    cfg = (config or TrainConfig()).validate()
+    cfg = TrainConfig.resolve(config, overrides)
     dev = resolve_device(device, None if isinstance(model, str) else model)
     if isinstance(model, str):
         torch.manual_seed(cfg.seed)
@@ -59,5 +65,4 @@ def train_model(model: str | nn.Module, data: DataSplits, config: TrainConfig | 
         save(net, out_dir, metadata={"stage": "dense", "data": data.name, "accuracy": res["accuracy"],
                                      "seed": cfg.seed})
         write_results(Path(out_dir) / "results.json", res)
-    res["model"] = net
-    return res
+    return RecordResult(model=net, record=res)

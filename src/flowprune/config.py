@@ -115,3 +115,30 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, torch.device):
         return str(value)
     return type(value).__name__
+
+
+@dataclasses.dataclass
+class RecordResult(ProcedureResult):
+    """A result whose summary is one flat record (``results.json``): ``.model``, ``.record``.
+
+    Also readable as the dict earlier versions returned: ``res["accuracy"]``, ``res["model"]``,
+    ``"macs" in res``, ``res.keys()``, ``res.get(...)``.
+    """
+
+    model: Any = None
+    record: dict = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return jsonable(self.record)
+
+    def __getitem__(self, key: str):
+        return self.model if key == "model" else self.record[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key == "model" or key in self.record
+
+    def keys(self) -> list[str]:
+        return [*self.record, "model"]
+
+    def get(self, key: str, default=None):
+        return self[key] if key in self else default

@@ -35,6 +35,7 @@ from torch import nn
 
 from flowprune import distributed
 from flowprune.backend import safe_conv_backward
+from flowprune.config import ProcedureConfig
 from flowprune.data import DataSplits, TensorBatchLoader, make_loader
 from flowprune.device import autocast, check_amp, default_amp, resolve_device
 from flowprune.errors import FlowpruneError, bad_choice, check_fraction, check_positive_int
@@ -45,8 +46,8 @@ SCHEDULES = ("cosine", "constant")
 
 
 @dataclass
-class TrainConfig:
-    """Everything that decides a training run, JSON-safe."""
+class TrainConfig(ProcedureConfig):
+    """Everything that decides a training run, JSON-safe (``TrainConfig.resolve(config, overrides)``)."""
 
     epochs: int = 10
     lr: float = 0.05
