@@ -30,7 +30,7 @@ a ReLU (the stem's or the previous block's), so the identity and the dropped bra
 ``input_nonnegative``; the identity is used in every case (it is what a saved model can encode
 without a custom module), and the ranking measures exactly the change the identity makes.
 
-**Layer divergence** (METHODS.md section 3): ``D_i = mean_x ||T_{i+1}(x) - T_i(x)||_2 /
+**Layer divergence** (docs/methods.md section 3): ``D_i = mean_x ||T_{i+1}(x) - T_i(x)||_2 /
 (||T_{i+1}(x)||_2 + eps)`` with norms over one sample's whole feature tensor, ``T_i`` the block
 input and ``T_{i+1}`` its output. For a pre-activation residual block this is
 ``||branch(x)|| / ||x + branch(x)||``; for a post-activation one it is the relative change the

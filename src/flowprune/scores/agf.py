@@ -1,4 +1,4 @@
-"""AGF kinetic utility (Qian et al. 2026, METHODS.md section 1): loss-reducing flow through a unit.
+"""AGF kinetic utility (Qian et al. 2026, docs/methods.md section 1): loss-reducing flow through a unit.
 
 For unit c with feature Y_c over T calibration batches B_t::
 
