@@ -170,7 +170,7 @@ def test_cli_compare_from_checkpoint(dense_mlp_dir, tmp_path, capsys):
     (["--targets", "1000x"], "cannot be reached"),
     (["--targets", "0.5x"], "reduction factor > 1"),
     (["--seeds", "0"], "--seeds"),
-    (["--tp-mode", "sideways"], "tp-mode"),
+    (["--tp-mode", "sideways"], "tp_mode 'sideways'"),
 ])
 def test_cli_bad_input_is_one_line(argv, message, dense_mlp_dir, tmp_path, capsys):
     from flowprune.cli import main

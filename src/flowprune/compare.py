@@ -178,6 +178,9 @@ class CompareConfig(ProcedureConfig):
         check_positive_int("calib_batch_size", self.calib_batch_size)
         if self.finetune_batches is not None:
             check_positive_int("finetune_batches", self.finetune_batches)
+        lr = self.finetune_lr
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+            raise FlowpruneError(f"finetune_lr must be a positive number, got {lr!r}")
         if self.tp_mode not in TP_MODES:
             raise bad_choice("tp_mode", self.tp_mode, TP_MODES)
         if not (0 < self.tol < 1):
@@ -192,7 +195,24 @@ class CompareConfig(ProcedureConfig):
                                 else [parse_target(t) for t in self.scratch_targets])
         if self.scratch_seeds is not None:
             check_positive_int("scratch_seeds", self.scratch_seeds)
+        self._check_plan_options()
         return self
+
+    def _check_plan_options(self) -> None:
+        from flowprune.plan import BUDGETS, NORMALIZE
+
+        po = self.plan_options or {}
+        allowed = ("budget", "normalize", "min_width", "round_to")
+        for k in po:
+            if k not in allowed:
+                raise bad_choice("plan option", k, allowed)
+        if "budget" in po and po["budget"] not in BUDGETS:
+            raise bad_choice("budget", po["budget"], BUDGETS)
+        if "normalize" in po and po["normalize"] not in NORMALIZE:
+            raise bad_choice("normalize", po["normalize"], NORMALIZE)
+        for k in ("min_width", "round_to"):
+            if k in po:
+                check_positive_int(k, po[k])
 
     @property
     def do_scratch(self) -> bool:

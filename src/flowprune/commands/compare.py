@@ -26,6 +26,7 @@ from flowprune.commands._common import (
     add_data_arguments,
     check_data_fits_model,
     check_int,
+    check_model_name,
     check_out_path,
     load_data,
     load_model_arg,
@@ -85,19 +86,12 @@ def _dense_budget(checkpoint: str) -> int | None:
     return None
 
 
-def run(args: argparse.Namespace) -> int:
-    from flowprune.compare import TP_MODES, parse_methods, parse_target
-    from flowprune.errors import FlowpruneError, bad_choice
+def compare_config(args: argparse.Namespace):
+    """The :class:`~flowprune.compare.CompareConfig` the arguments ask for (values checked by the library)."""
+    from flowprune.compare import CompareConfig
     from flowprune.train import TrainConfig
 
-    # validate everything before any work
-    methods = parse_methods(args.methods)
-    targets = [parse_target(t) for t in args.targets.split(",") if t.strip()]
-    if not targets:
-        raise FlowpruneError(f"--targets {args.targets!r} holds no target; write e.g. 2x,4x,8x")
     check_int("--seeds", args.seeds, 1, 1000)
-    if args.checkpoint is None and args.model is None:
-        raise FlowpruneError("give --checkpoint DIR (a trained model) or --model NAME --epochs N (train one first)")
     check_int("--epochs", args.epochs, 1)
     check_int("--finetune-epochs", args.finetune_epochs, 0)
     check_int("--calib-batches", args.calib_batches, 1)
@@ -105,34 +99,49 @@ def run(args: argparse.Namespace) -> int:
     check_int("--finetune-batches", args.finetune_batches, 1, allow_none=True)
     check_int("--scratch-epochs", args.scratch_epochs, 0, allow_none=True)
     check_int("--scratch-seeds", args.scratch_seeds, 0, allow_none=True)
-    TrainConfig(lr=args.finetune_lr).validate()  # --finetune-lr
-    if args.tp_mode not in TP_MODES:
-        raise bad_choice("--tp-mode", args.tp_mode, TP_MODES)
-    from flowprune.plan import BUDGETS
+    return CompareConfig.resolve(None, dict(
+        methods=args.methods, targets=[t for t in args.targets.split(",") if t.strip()], seeds=args.seeds,
+        finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr, finetune_batches=args.finetune_batches,
+        calib_batches=args.calib_batches, calib_batch_size=args.calib_batch_size,
+        dense_config=TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed), scratch_epochs=args.scratch_epochs,
+        scratch_seeds=args.scratch_seeds, plan_options={"budget": args.budget} if args.budget else None,
+        tp_mode=args.tp_mode, measure_speed=not args.no_speed, compensate=not args.no_compensate))
 
-    if args.budget is not None and args.budget not in BUDGETS:
-        raise bad_choice("--budget", args.budget, BUDGETS)
+
+def _load_dense(args: argparse.Namespace, data):
+    """The dense model(s) of ``--checkpoint A[,B,C]`` (one per seed, or one for all), checked against the data."""
+    from flowprune.errors import FlowpruneError
+
+    dirs = [d.strip() for d in args.checkpoint.split(",") if d.strip()]
+    if len(dirs) > 1 and len(dirs) != args.seeds:
+        raise FlowpruneError(f"--checkpoint lists {len(dirs)} models but --seeds is {args.seeds}; give one "
+                             "dense model per seed, or one for all")
+    models = [load_model_arg(d) for d in dirs]
+    for m in models:
+        check_model_name(args, m)
+        check_data_fits_model(m, data, "the dense model")
+    if len({m.flowprune_base["name"] for m in models}) > 1:
+        raise FlowpruneError("the --checkpoint models are of different architectures; give one model per seed "
+                             "of the same architecture")
+    return (models if len(models) > 1 else models[0]), _dense_budget(dirs[0])
+
+
+def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from flowprune.errors import FlowpruneError
+
+    cfg = compare_config(args)  # validate everything before any work
+    if args.checkpoint is None and args.model is None:
+        raise FlowpruneError("give --checkpoint DIR (a trained model) or --model NAME --epochs N (train one first)")
     check_out_path(args.out)
     data = load_data(args)
-    dense_epochs = args.epochs
-    dense_cfg = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed).validate()
     model = None
     if args.checkpoint is not None:
-        dirs = [d.strip() for d in args.checkpoint.split(",") if d.strip()]
-        if len(dirs) > 1 and len(dirs) != args.seeds:
-            raise FlowpruneError(f"--checkpoint lists {len(dirs)} models but --seeds is {args.seeds}; give one "
-                                 "dense model per seed, or one for all")
-        models = [load_model_arg(d) for d in dirs]
-        for m in models:
-            if args.model is not None and args.model != m.flowprune_base["name"]:
-                raise FlowpruneError(f"--model {args.model!r} does not match the checkpoint's model "
-                                     f"{m.flowprune_base['name']!r}")
-            check_data_fits_model(m, data, "the dense model")
-        if len({m.flowprune_base["name"] for m in models}) > 1:
-            raise FlowpruneError("the --checkpoint models are of different architectures; give one model per seed "
-                                 "of the same architecture")
-        model = models if len(models) > 1 else models[0]
-        dense_epochs = _dense_budget(dirs[0]) or args.epochs
+        model, epochs = _load_dense(args, data)
+        if epochs:  # the scratch baseline gets the dense model's own budget
+            cfg = replace(cfg, dense_config=replace(cfg.dense_config, epochs=epochs),
+                          scratch_epochs=cfg.scratch_epochs if args.scratch_epochs is not None else epochs)
     else:
         from flowprune.models import build_model
 
@@ -145,12 +154,11 @@ def run(args: argparse.Namespace) -> int:
         n = len(list((out / "runs").glob("*.json"))) if (out / "runs").exists() else 0
         print(f"flowprune: compare resumes: {n} finished run(s) in {out / 'runs'} are kept", file=sys.stderr)
     with run:
-        return _work(args, run, out, data, model, dense_epochs, dense_cfg, methods, targets)
+        return _work(args, run, out, data, model, cfg)
 
 
-def _work(args, run, out, data, model, dense_epochs, dense_cfg, methods, targets) -> int:
+def _work(args, run, out, data, model, cfg) -> int:
     from flowprune.compare import compare
-    from flowprune.train import TrainConfig
 
     if model is None:
         from dataclasses import replace
@@ -161,21 +169,14 @@ def _work(args, run, out, data, model, dense_epochs, dense_cfg, methods, targets
         model = []
         for s in seeds:
             d = out / ("dense" if s is None else f"dense_s{s}")
-            cfg = dense_cfg if s is None else replace(dense_cfg, seed=s)
-            res = train_model(args.model, data, cfg, out_dir=d, measure_speed=False)
-            model.append(res["model"])
+            dense_cfg = cfg.dense_config if s is None else replace(cfg.dense_config, seed=s)
+            res = train_model(args.model, data, dense_cfg, out_dir=d, measure_speed=False)
+            model.append(res.model)
             print(f"dense {args.model}: test accuracy {100 * res['accuracy']:.1f} % (saved to {d})")
         model = model if len(model) > 1 else model[0]
-    plan_options = {"budget": args.budget} if args.budget else None
     with Timer() as t:
-        res = compare(model, data, methods, targets, args.seeds, finetune_epochs=args.finetune_epochs,
-                      finetune_lr=args.finetune_lr, finetune_batches=args.finetune_batches,
-                      calib_batches=args.calib_batches, calib_batch_size=args.calib_batch_size,
-                      dense_config=TrainConfig(epochs=dense_epochs, lr=args.lr, seed=args.seed),
-                      scratch_epochs=args.scratch_epochs, scratch_seeds=args.scratch_seeds,
-                      plan_options=plan_options, tp_mode=args.tp_mode, measure_speed=not args.no_speed,
-                      out_dir=out, compensate=not args.no_compensate)
+        res = compare(model, data, cfg, out_dir=out)
     run.finish()
-    print(res["table"])
+    print(res.table)
     print(f"\n{t.seconds:.0f} s; wrote {out / 'results.json'} and {out / 'compare.md'}")
     return 0
