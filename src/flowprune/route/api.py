@@ -86,7 +86,8 @@ class RouteResult(ProcedureResult):
 
 
 def build_router(router: str | Router, options: dict | None = None, *, seed: int = 0, hidden: int = 32) -> Router:
-    """A router from its registry name and ``options`` (a :class:`Router` instance is returned as is).
+    """A router from its registry name and ``options``, or a copy of a :class:`Router` instance
+    (fitting and calibration change the router; the caller's stays as it was).
 
     A router class that lists ``"seed"`` or ``"hidden"`` in ``inherits`` gets ``seed`` / ``hidden``
     (route_experts' ``seed`` and ``learned_hidden``) unless ``options`` sets them.
@@ -95,7 +96,7 @@ def build_router(router: str | Router, options: dict | None = None, *, seed: int
         if options:
             raise FlowpruneError(f"router_kwargs {sorted(options)} apply to a router given by name; configure the "
                                  f"{type(router).__name__} instance itself")
-        return router
+        return copy.deepcopy(router)
     if not isinstance(router, str):
         raise FlowpruneError(f"router must be a registered name (flowprune.list_routers()) or a Router, "
                              f"got {type(router).__name__}")
