@@ -81,7 +81,7 @@ def test_signed_agf_equals_finite_difference_of_a_scale_factor():
         assert signed[c].item() == pytest.approx(fd, rel=1e-4, abs=1e-8)
 
 
-@pytest.mark.parametrize("name", BASELINES)
+@pytest.mark.parametrize("name", list_scores())
 def test_every_score_keeps_model_and_gives_shapes(name, digits_data):
     m = build_model("resnet20", (1, 8, 8), 10)
     m.train()
