@@ -36,6 +36,7 @@ from flowprune.pruning.idap import idap  # noqa: E402
 from flowprune.pruning.structural import PruneConfig, PruneResult, prune  # noqa: E402
 from flowprune.route.api import route_experts  # noqa: E402
 from flowprune.route.io import load_cascade  # noqa: E402
+from flowprune.route.routers import Router, get_router, list_routers, register_router  # noqa: E402
 from flowprune.runstate import RunState  # noqa: E402
 from flowprune.scores import Score, get_score, list_scores, register_score  # noqa: E402
 from flowprune.step import plan_and_cut  # noqa: E402
@@ -58,6 +59,7 @@ __all__ = [
     "PruneResult",
     "Pruned",
     "PruningProcedure",
+    "Router",
     "RunState",
     "Score",
     "TrainConfig",
@@ -71,6 +73,7 @@ __all__ = [
     "find_units",
     "fit",
     "get_procedure",
+    "get_router",
     "get_score",
     "hyperflows",
     "hyperflows_prune",
@@ -78,6 +81,7 @@ __all__ = [
     "latency",
     "list_models",
     "list_procedures",
+    "list_routers",
     "list_scores",
     "load",
     "load_cascade",
@@ -88,6 +92,7 @@ __all__ = [
     "plan_cuts",
     "prune",
     "register_procedure",
+    "register_router",
     "register_score",
     "route_experts",
     "save",
