@@ -8,16 +8,17 @@
   ``(out, in * kernel)`` in ``DIR/model.sparse.safetensors``; everything else is stored dense in
   the same file. ``DIR/model.json`` is the :mod:`flowprune.io` recipe with a ``sparse`` section
   (shapes of the CSR tensors). Loading rebuilds the dense architecture and never unpickles.
-* :func:`to_sparse_execution` returns a copy where Linear and Conv2d (``groups == 1``) layers
-  with at least ``min_sparsity`` zeros run with ``torch.sparse`` CSR matmuls (MKL on x86 CPU
-  builds): Linear as ``W_csr @ x^T``, Conv2d as im2col (``F.unfold``) followed by one
-  ``W_csr @ cols_i`` per sample. On this CPU the im2col copy alone costs about as much as the
-  dense (oneDNN) convolution for ResNet-20's 16-64 channels, so sparse convolutions do not beat
-  dense there; sparse Linear layers do at high sparsity and large batches (see the benchmark). It is an inference-only runtime form (not a save format). Whether it is
-  faster than dense depends on sparsity, batch size and the CPU: measure with
-  ``benchmarks/bench_hyperflows.py``. Pass ``example_input=`` (a batch of the size you will run)
-  and each layer is timed both ways on its own input and converted only where CSR is faster,
-  so the sparse path pays or stays dense layer by layer (``model.sparse_decisions``).
+* :func:`to_sparse_execution` returns a copy where Linear, Conv1d and Conv2d (``groups == 1``)
+  layers with at least ``min_sparsity`` zeros run with ``torch.sparse`` CSR matmuls (MKL on x86
+  CPU builds): Linear as ``W_csr @ x^T``; convolutions as im2col (``F.unfold``) followed by one
+  ``W_csr @ cols_i`` per sample, except 1x1 / size-1 kernels with stride 1 and no padding, which
+  multiply the input as it is. It is an inference-only runtime form (not a save format).
+  Whether it is faster than dense depends on the layer, sparsity, batch size and the CPU: the
+  crossover table of ``python -m benchmarks.bench_sparse`` (docs/results/hyperflows.md) gives,
+  per layer type, the sparsity from which it beats the dense (oneDNN / MKL) layer at batch 1 and
+  256 on this CPU. Pass ``example_input=`` (a batch of the size you will run) and each layer is
+  timed both ways on its own input and converted only where CSR is faster, so the sparse path
+  pays or stays dense layer by layer (``model.sparse_decisions``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from flowprune.errors import FlowpruneError, check_fraction
+from flowprune.errors import FlowpruneError, check_fraction, check_positive_int
 
 SPARSE_WEIGHTS_FILE = "model.sparse.safetensors"
 _SEP = "::csr_"
@@ -188,22 +189,46 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        y = torch.sparse.mm(self.weight_csr, x2.t().contiguous()).t()
+        if x2.shape[0] == 1:  # a matrix-vector product: about half the time of a one-column matmul here
+            y = torch.mv(self.weight_csr, x2[0].contiguous()).unsqueeze(0)
+        else:
+            y = torch.sparse.mm(self.weight_csr, x2.t().contiguous()).t()
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
 
 
+def _conv_supported(conv: nn.Module) -> bool:
+    """Zero padding given as integers, ``groups == 1``: what the im2col path computes."""
+    return conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+
+
+def _csr_times_samples(w_csr: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``stack([w_csr @ cols[i] for i])`` for ``cols`` of shape ``(B, K, L)`` -> ``(B, O, L)``.
+
+    One CSR matmul per sample on its contiguous ``(K, L)`` block: measured faster on this CPU than
+    one matmul on the ``(K, B*L)`` matrix, whose transposing copy dominated the time.
+    """
+    if cols.shape[0] == 1:
+        return torch.sparse.mm(w_csr, cols[0]).unsqueeze(0)
+    return torch.stack([torch.sparse.mm(w_csr, cols[i]) for i in range(cols.shape[0])])
+
+
 class SparseConv2d(nn.Module):
-    """Inference-only Conv2d (``groups=1``) as im2col + CSR matmul. Input ``(B, C, H, W)``."""
+    """Inference-only Conv2d (``groups=1``) as im2col + CSR matmul. Input ``(B, C, H, W)``.
+
+    A 1x1 convolution with stride 1 and no padding skips the im2col: each sample's ``(C, H*W)``
+    view is already the matrix the CSR weight multiplies.
+    """
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
-        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        if not _conv_supported(conv):
             raise FlowpruneError("SparseConv2d supports groups=1, zero padding given as integers only")
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.stride = conv.kernel_size, conv.stride
         self.padding, self.dilation = conv.padding, conv.dilation
+        self.pointwise = self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
         self.weight_csr = _csr(conv.weight.detach().reshape(conv.out_channels, -1))
         self.bias = None if conv.bias is None else conv.bias.detach().clone()
         self.nnz = int(self.weight_csr.values().numel())
@@ -214,14 +239,59 @@ class SparseConv2d(nn.Module):
         kh, kw = self.kernel_size
         ho = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
         wo = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
-        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
-        # one CSR matmul per sample on (C*kh*kw, L): measured 2.5x faster than one matmul on the
-        # transposed (C*kh*kw, B*L) matrix, whose strided copy dominated the time
-        y = torch.stack([torch.sparse.mm(self.weight_csr, cols[i]) for i in range(b)])
-        y = y.reshape(b, self.out_channels, ho, wo)
+        if self.pointwise:
+            cols = x.reshape(b, self.in_channels, h * w).contiguous()
+        else:
+            cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
+        y = _csr_times_samples(self.weight_csr, cols).reshape(b, self.out_channels, ho, wo)
         if self.bias is not None:
             y = y + self.bias.view(1, -1, 1, 1)
         return y
+
+
+class SparseConv1d(nn.Module):
+    """Inference-only Conv1d (``groups=1``) as im2col + CSR matmul. Input ``(B, C, L)``.
+
+    The im2col is ``F.unfold`` on the ``(B, C, 1, L)`` view; a kernel of size 1 with stride 1 and no
+    padding uses the input as it is.
+    """
+
+    def __init__(self, conv: nn.Conv1d):
+        super().__init__()
+        if not _conv_supported(conv):
+            raise FlowpruneError("SparseConv1d supports groups=1, zero padding given as integers only")
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride = conv.kernel_size[0], conv.stride[0]
+        self.padding, self.dilation = conv.padding[0], conv.dilation[0]
+        self.pointwise = self.kernel_size == 1 and self.stride == 1 and self.padding == 0
+        self.weight_csr = _csr(conv.weight.detach().reshape(conv.out_channels, -1))
+        self.bias = None if conv.bias is None else conv.bias.detach().clone()
+        self.nnz = int(self.weight_csr.values().numel())
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, n = x.shape
+        lo = (n + 2 * self.padding - self.dilation * (self.kernel_size - 1) - 1) // self.stride + 1
+        if self.pointwise:
+            cols = x.contiguous()
+        else:
+            cols = F.unfold(x.unsqueeze(2), (1, self.kernel_size), dilation=(1, self.dilation),
+                            padding=(0, self.padding), stride=(1, self.stride))
+        y = _csr_times_samples(self.weight_csr, cols).reshape(b, self.out_channels, lo)
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1)
+        return y
+
+
+def sparse_layer(module: nn.Module) -> nn.Module | None:
+    """The CSR form of a Linear / Conv1d / Conv2d (``groups=1``, integer zero padding), else ``None``."""
+    if isinstance(module, nn.Linear):
+        return SparseLinear(module)
+    if isinstance(module, nn.Conv2d) and _conv_supported(module):
+        return SparseConv2d(module)
+    if isinstance(module, nn.Conv1d) and _conv_supported(module):
+        return SparseConv1d(module)
+    return None
 
 
 def _median_seconds(layer: nn.Module, x: torch.Tensor, reps: int) -> float:
@@ -240,7 +310,7 @@ def _median_seconds(layer: nn.Module, x: torch.Tensor, reps: int) -> float:
 def to_sparse_execution(model: nn.Module, *, min_sparsity: float = 0.7, linear: bool = True,
                         conv: bool = True, example_input: torch.Tensor | None = None,
                         reps: int = 20) -> nn.Module:
-    """A copy of ``model`` (masks baked) with sparse-enough Linear/Conv2d layers on CSR kernels.
+    """A copy of ``model`` (masks baked) with sparse-enough Linear/Conv1d/Conv2d layers on CSR kernels.
 
     Layers with fewer than ``min_sparsity`` zeros stay dense. With ``example_input`` (a batch of
     the size you will run), each candidate layer is timed dense and sparse on the input it sees
@@ -250,12 +320,16 @@ def to_sparse_execution(model: nn.Module, *, min_sparsity: float = 0.7, linear: 
     mode, no gradients); ``model.sparse_layers`` lists the converted layers.
     """
     check_fraction("min_sparsity", min_sparsity, high_open=False)
+    check_positive_int("reps", reps)
+    if example_input is not None and not isinstance(example_input, torch.Tensor):
+        raise FlowpruneError(f"example_input must be a tensor batch (e.g. torch.randn(256, 1, 28, 28)), got "
+                             f"{type(example_input).__name__}")
     net = bake(model).eval()
     inputs: dict[str, torch.Tensor] = {}
     if example_input is not None:
         hooks = []
         for name, m in net.named_modules():
-            if name and isinstance(m, (nn.Linear, nn.Conv2d)):
+            if name and isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
                 hooks.append(m.register_forward_pre_hook(
                     lambda mod, args, _n=name: inputs.__setitem__(_n, args[0].detach())))
         with torch.no_grad():
@@ -267,13 +341,9 @@ def to_sparse_execution(model: nn.Module, *, min_sparsity: float = 0.7, linear: 
         if not name:
             continue
         new = None
-        if linear and isinstance(m, nn.Linear):
-            if float((m.weight == 0).float().mean()) >= min_sparsity:
-                new = SparseLinear(m)
-        elif conv and isinstance(m, nn.Conv2d) and m.groups == 1 and not isinstance(m.padding, str) \
-                and m.padding_mode == "zeros":
-            if float((m.weight == 0).float().mean()) >= min_sparsity:
-                new = SparseConv2d(m)
+        wanted = (linear and isinstance(m, nn.Linear)) or (conv and isinstance(m, (nn.Conv1d, nn.Conv2d)))
+        if wanted and float((m.weight == 0).float().mean()) >= min_sparsity:
+            new = sparse_layer(m)
         if new is not None and example_input is not None and name in inputs:
             x = inputs[name]
             with torch.no_grad():

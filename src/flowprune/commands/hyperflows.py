@@ -186,9 +186,9 @@ def _work(args, run, out, data, model, cfg, gammas, law) -> int:
 
     with Timer() as t, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Hyperflows: the scheduler ended")  # printed below instead
-        res = hyperflows_prune(model, data, cfg, checkpoint_dir=out, resume=not args.no_resume, law=law)
-    pruned = res.pop("model")
-    res.pop("masked_model")
+        result = hyperflows_prune(model, data, cfg, checkpoint_dir=out, resume=not args.no_resume, law=law)
+    pruned = result.model
+    res = dict(result.record)
     res["seconds"] = t.seconds
     meta = {"stage": "hyperflows", "data": data.name, "target_sparsity": cfg.target_sparsity,
             "sparsity": res["sparsity"], "accuracy": res["accuracy"], "seed": cfg.seed}

@@ -85,11 +85,13 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flowprune.config import ProcedureConfig, RecordResult
 from flowprune.data import DataSplits, make_loader
 from flowprune.errors import FlowpruneError, bad_choice, check_fraction, check_positive_int
 from flowprune.measure import accuracy
@@ -112,8 +114,11 @@ CHECKPOINT = "hyperflows.pt"
 
 
 @dataclass
-class HyperflowsConfig:
-    """Everything that decides a Hyperflows run (JSON-safe). See the module docstring."""
+class HyperflowsConfig(ProcedureConfig):
+    """Everything that decides a Hyperflows run (JSON-safe). See the module docstring.
+
+    ``HyperflowsConfig.resolve(config, overrides)`` builds a validated one from an instance, a dict
+    or ``None`` plus keyword overrides (see :mod:`flowprune.config`)."""
 
     target_sparsity: float = 0.9
     prune_epochs: int = 10
@@ -287,11 +292,30 @@ def check_law(law: dict, model: nn.Module, n_masked: int) -> dict:
     return fit
 
 
-def hyperflows_prune(model: nn.Module, data: DataSplits, config: HyperflowsConfig | None = None, *,
+@dataclass
+class HyperflowsResult(RecordResult):
+    """What :func:`hyperflows_prune` returns: ``.model`` (masks baked into plain weights),
+    ``.masked_model`` (the parametrized model) and ``.record`` (the JSON-safe summary, see
+    :func:`hyperflows_prune`). Readable as the dict earlier versions returned (``res["accuracy"]``,
+    ``res["model"]``, ``res["masked_model"]``)."""
+
+    masked_model: Any = None
+
+    def __getitem__(self, key: str):
+        return self.masked_model if key == "masked_model" else super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key == "masked_model" or super().__contains__(key)
+
+    def keys(self) -> list[str]:
+        return [*super().keys(), "masked_model"]
+
+
+def hyperflows_prune(model: nn.Module, data: DataSplits, config: HyperflowsConfig | dict | None = None, *,
                      checkpoint_dir: str | os.PathLike | None = None, resume: bool = True,
                      progress: bool | None = None, law: dict | None = None,
                      max_batches_per_epoch: int | None = None, device: str | torch.device | None = None,
-                     **overrides) -> dict:
+                     **overrides) -> HyperflowsResult:
     """Prune a copy of ``model`` with Hyperflows; the caller's model is not changed.
 
     ``device``: where the copy is trained (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``; default: the
@@ -300,25 +324,25 @@ def hyperflows_prune(model: nn.Module, data: DataSplits, config: HyperflowsConfi
     Args:
         model: a trained model (Conv/Linear weights get masks).
         data: train split for training, val split for per-epoch accuracy, test for the result.
-        config: a :class:`HyperflowsConfig`; keyword ``overrides`` replace its fields.
+        config: a :class:`HyperflowsConfig` (or a dict of its fields); keyword ``overrides`` named
+            after its fields replace them (an unknown name raises :class:`FlowpruneError`).
         checkpoint_dir: ``hyperflows.pt`` is written there every epoch; with ``resume`` a run resumes.
         law: a fit from :func:`fit_power_law`, or a sweep's results (then checked to come from the
             same model), to seed the initial gamma.
         max_batches_per_epoch: cap on steps per epoch (short runs, tests).
 
     Returns:
-        dict with ``masked_model`` (parametrized), ``model`` (masks baked into weights, plain
-        modules), ``accuracy`` (test, final), ``val_accuracy``, ``sparsity``/``remaining``/``layers``
-        (weight sparsity over masked weights), ``overall_sparsity`` (over all Conv/Linear weights),
-        ``scheduler`` (the scheduler's own end point before any correction: ``sparsity``,
-        ``error_pp``, ``within_tolerance``, ``accuracy``), ``correction`` (flipped / switched on /
-        switched off weights, accuracy right after the flip and after the fine-tune), ``epochs``
-        (per-epoch records), ``gamma_trajectory``, ``remaining_per_epoch``, ``regrew_total`` and
-        ``config``. A scheduler end point off by more than ``tolerance`` is also warned about.
+        :class:`HyperflowsResult`: ``.model`` (masks baked into weights, plain modules),
+        ``.masked_model`` (parametrized) and in ``.record`` / ``res[key]``: ``accuracy`` (test,
+        final), ``val_accuracy``, ``sparsity``/``remaining``/``layers`` (weight sparsity over masked
+        weights), ``overall_sparsity`` (over all Conv/Linear weights), ``scheduler`` (the scheduler's
+        own end point before any correction: ``sparsity``, ``error_pp``, ``within_tolerance``,
+        ``accuracy``), ``correction`` (flipped / switched on / switched off weights, accuracy right
+        after the flip and after the fine-tune), ``epochs`` (per-epoch records),
+        ``gamma_trajectory``, ``remaining_per_epoch``, ``regrew_total`` and ``config``. A scheduler
+        end point off by more than ``tolerance`` is also warned about.
     """
-    from flowprune.sparse import bake
-
-    cfg = HyperflowsConfig(**{**asdict(config or HyperflowsConfig()), **overrides}).validate()
+    cfg = HyperflowsConfig.resolve(config, overrides)
     if max_batches_per_epoch is not None:
         check_positive_int("max_batches_per_epoch", max_batches_per_epoch)
     tgt = resolve_target(model, cfg)  # raises before work
@@ -327,231 +351,317 @@ def hyperflows_prune(model: nn.Module, data: DataSplits, config: HyperflowsConfi
     if len(data.train) == 0:
         raise FlowpruneError("the training split is empty; nothing to train on")
     fit_law = check_law(law, model, tgt["masked_weights"]) if law is not None else None
-    target_remaining = 1.0 - tgt["masked_target"]
-    target_sparsity = tgt["masked_target"]
+    run = _Run.start(model, data, cfg, tgt, fit_law, device, max_batches_per_epoch)
+    run.open_checkpoint(checkpoint_dir, resume)
+    run.show = sys.stderr.isatty() if progress is None else progress
+    t_start = time.perf_counter()
+    for epoch in range(run.start_epoch, run.total_epochs):
+        run.train_epoch(epoch)
+    set_pressure(run.net, 0.0)
+    return run.finish(data, tgt, time.perf_counter() - t_start)
 
-    from flowprune.device import resolve_device
 
-    dev = resolve_device(device, model)
-    torch.manual_seed(cfg.seed)
-    net = install_masks(model, cfg.layers, init=(cfg.init_low, cfg.init_high), scale=cfg.scale,
-                        include_classifier=cfg.include_classifier, seed=cfg.seed).to(dev)
-    logits = mask_logits(net)
-    n_masked = sum(p.numel() for p in logits)
-    loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=cfg.augment,
-                         drop_last=len(data.train) > cfg.batch_size)
-    val = make_loader(data.val, 512) if len(data.val) else None
-    test = make_loader(data.test, 512) if len(data.test) else None
-    steps = len(loader) if max_batches_per_epoch is None else min(len(loader), max_batches_per_epoch)
-    total_epochs = cfg.prune_epochs + cfg.regrow_epochs
-    total_steps = total_epochs * steps
-    mask_lr = cfg.mask_lr if cfg.mask_lr is not None else auto_mask_lr(cfg.prune_epochs * steps)
+@dataclass
+class _Run:
+    """The state of one Hyperflows run; its methods are the phases of :func:`hyperflows_prune`."""
 
-    opt_w = torch.optim.SGD(weight_parameters(net), lr=cfg.lr, momentum=cfg.momentum,
-                            weight_decay=cfg.weight_decay, nesterov=True)
-    opt_m = torch.optim.Adam(logits, lr=mask_lr, weight_decay=0.0, **_fused_kw())
-
-    prune_target = target_remaining * cfg.aim
-    gamma0 = cfg.gamma0
-    if gamma0 is None:
-        gamma0 = gamma_for_remaining(fit_law, prune_target) if fit_law is not None else 1.0
-    if cfg.constant_gamma is not None:
-        gamma0 = cfg.constant_gamma
+    cfg: HyperflowsConfig
+    net: nn.Module
+    dev: torch.device
+    loader: Any
+    val: Any
+    test: Any
+    steps: int
+    mask_lr: float
+    opt_w: torch.optim.Optimizer
+    opt_m: torch.optim.Optimizer
     sched: PressureScheduler | ConstantPressure
-    if cfg.constant_gamma is None:
-        sched = PressureScheduler(prune_target, cfg.prune_epochs, gamma=float(gamma0), inertia=cfg.inertia,
-                                  gain=cfg.gain, kp=cfg.kp, brake=cfg.brake, resolution=cfg.updates_per_epoch)
-    else:
-        sched = ConstantPressure(float(cfg.constant_gamma))
-    hold = cfg.regrow_mode == "hold" and cfg.constant_gamma is None
-
-    history: list[dict] = []
-    start_epoch = 0
+    gamma0: float
+    prune_target: float
+    target_remaining: float
+    logits: list = field(default_factory=list)
+    history: list = field(default_factory=list)
+    start_epoch: int = 0
     keep_after_prune: dict | None = None
-    ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
-    if ckpt is not None:
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        if resume and ckpt.exists():
-            state = torch.load(ckpt, map_location=dev, weights_only=True)
-            if state.get("config") != asdict(cfg):
-                raise FlowpruneError(f"checkpoint {ckpt} was written with another Hyperflows config; "
-                                     "use a fresh directory or resume=False")
-            net.load_state_dict(state["model"])
-            opt_w.load_state_dict(state["opt_w"])
-            opt_m.load_state_dict(state["opt_m"])
-            sched.load_state_dict(state["scheduler"])
-            start_epoch = int(state["epoch"])
-            history = list(state["history"])
-            keep_after_prune = state.get("keep_after_prune")
+    ckpt: Path | None = None
+    show: bool = False
+    prev: list = field(default_factory=list)
+    since: int = 0
 
-    show = sys.stderr.isatty() if progress is None else progress
+    @property
+    def n_masked(self) -> int:
+        return sum(p.numel() for p in self.logits)
+
+    @property
+    def total_epochs(self) -> int:
+        return self.cfg.prune_epochs + self.cfg.regrow_epochs
+
+    @property
+    def hold(self) -> bool:
+        return self.cfg.regrow_mode == "hold" and self.cfg.constant_gamma is None
+
+    @classmethod
+    def start(cls, model, data, cfg, tgt, fit_law, device, max_batches) -> _Run:
+        """Masked copy, loaders, optimizers and the pressure scheduler."""
+        from flowprune.device import resolve_device
+
+        dev = resolve_device(device, model)
+        torch.manual_seed(cfg.seed)
+        net = install_masks(model, cfg.layers, init=(cfg.init_low, cfg.init_high), scale=cfg.scale,
+                            include_classifier=cfg.include_classifier, seed=cfg.seed).to(dev)
+        logits = mask_logits(net)
+        loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=cfg.augment,
+                             drop_last=len(data.train) > cfg.batch_size)
+        steps = len(loader) if max_batches is None else min(len(loader), max_batches)
+        mask_lr = cfg.mask_lr if cfg.mask_lr is not None else auto_mask_lr(cfg.prune_epochs * steps)
+        opt_w = torch.optim.SGD(weight_parameters(net), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay, nesterov=True)
+        opt_m = torch.optim.Adam(logits, lr=mask_lr, weight_decay=0.0, **_fused_kw())
+        target_remaining = 1.0 - tgt["masked_target"]
+        prune_target = target_remaining * cfg.aim
+        gamma0 = cfg.gamma0
+        if gamma0 is None:
+            gamma0 = gamma_for_remaining(fit_law, prune_target) if fit_law is not None else 1.0
+        if cfg.constant_gamma is not None:
+            gamma0 = cfg.constant_gamma
+        sched: PressureScheduler | ConstantPressure
+        if cfg.constant_gamma is None:
+            sched = PressureScheduler(prune_target, cfg.prune_epochs, gamma=float(gamma0), inertia=cfg.inertia,
+                                      gain=cfg.gain, kp=cfg.kp, brake=cfg.brake, resolution=cfg.updates_per_epoch)
+        else:
+            sched = ConstantPressure(float(cfg.constant_gamma))
+        return cls(cfg=cfg, net=net, dev=dev, loader=loader, val=make_loader(data.val, 512) if len(data.val) else None,
+                   test=make_loader(data.test, 512) if len(data.test) else None, steps=steps, mask_lr=mask_lr,
+                   opt_w=opt_w, opt_m=opt_m, sched=sched, gamma0=float(gamma0), prune_target=prune_target,
+                   target_remaining=target_remaining, logits=logits, prev=[p.detach().clone() for p in logits])
+
+    def open_checkpoint(self, checkpoint_dir, resume: bool) -> None:
+        """Point at ``checkpoint_dir/hyperflows.pt`` and resume from it when asked and present."""
+        if checkpoint_dir is None:
+            return
+        self.ckpt = Path(checkpoint_dir) / CHECKPOINT
+        self.ckpt.parent.mkdir(parents=True, exist_ok=True)
+        if not (resume and self.ckpt.exists()):
+            return
+        state = torch.load(self.ckpt, map_location=self.dev, weights_only=True)
+        if state.get("config") != asdict(self.cfg):
+            raise FlowpruneError(f"checkpoint {self.ckpt} was written with another Hyperflows config; "
+                                 "use a fresh directory or resume=False")
+        self.net.load_state_dict(state["model"])
+        self.opt_w.load_state_dict(state["opt_w"])
+        self.opt_m.load_state_dict(state["opt_m"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.start_epoch = int(state["epoch"])
+        self.history = list(state["history"])
+        self.keep_after_prune = state.get("keep_after_prune")
+        self.prev = [p.detach().clone() for p in self.logits]
+
+    def save_checkpoint(self, epoch: int) -> None:
+        if self.ckpt is not None:
+            _save_atomic({"model": self.net.state_dict(), "opt_w": self.opt_w.state_dict(),
+                          "opt_m": self.opt_m.state_dict(), "scheduler": self.sched.state_dict(),
+                          "epoch": epoch, "history": self.history, "keep_after_prune": self.keep_after_prune,
+                          "config": asdict(self.cfg)}, self.ckpt)
+
+    def nan_stop(self, value: float, where: str) -> FloatingPointError:
+        done = self.history[-1]["epoch"] if self.history else 0
+        ckpt = self.ckpt
+        kept = (f"The last good checkpoint (epoch {done} of {self.total_epochs}) is kept in {ckpt}" if ckpt and done
+                else "No checkpoint was written yet" if ckpt else "No checkpoint directory was given, so nothing was kept")
+        return FloatingPointError(
+            f"loss became {value} {where} (gamma={self.sched.gamma:.4g}); lower lr ({self.cfg.lr}) or mask_lr "
+            f"({self.mask_lr}). {kept}.")
+
+    def apply_pressure(self, active: bool) -> None:
+        p = _pressure(self.sched.gamma, self.cfg.pressure_exponent) if active else 0.0
+        set_pressure(self.net, p / self.n_masked)
+
+    def update(self, e_now: float, steps_to_next: int) -> None:
+        """One scheduler update at epoch position ``e_now`` (with the in-flight prediction)."""
+        cfg = self.cfg
+        rem = sparsity_report(self.net)["remaining"]
+        pred = None
+        ahead = max(steps_to_next, int(round(cfg.horizon * self.steps))) if steps_to_next else 0
+        if cfg.predictive and self.since > 0:
+            pred = predicted_remaining(self.logits, self.prev, ahead / self.since)
+        if e_now > cfg.prune_epochs:  # holding the target during regrowth: stronger feedback
+            self.sched.kp, self.sched.gain = cfg.kp * cfg.hold_boost, cfg.gain * cfg.hold_boost
+        self.sched.step(e_now, rem, predicted=pred, horizon=ahead / self.steps)
+        self.prev = [p.detach().clone() for p in self.logits]
+        self.since = 0
+        self.apply_pressure(True)
+
+    def set_lrs(self, epoch: int, step: int, pruning: bool) -> None:
+        """Cosine weight lr over both phases; cosine mask lr decay over the regrowth phase."""
+        cfg, steps = self.cfg, self.steps
+        g_step = epoch * steps + step
+        for grp in self.opt_w.param_groups:
+            grp["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * g_step / (self.total_epochs * steps)))
+        if not pruning:
+            r_step = (epoch - cfg.prune_epochs) * steps + step
+            for grp in self.opt_m.param_groups:
+                grp["lr"] = self.mask_lr * 0.5 * (1 + math.cos(math.pi * r_step / (cfg.regrow_epochs * steps)))
+
+    def train_step(self, x, y, pressured: bool, where: str) -> tuple[float, int]:
+        """Forward, NaN check, backward (pressure gradient inside the mask backward), both optimizers."""
+        cfg = self.cfg
+        x, y = x.to(self.dev), y.to(self.dev)
+        ce = F.cross_entropy(self.net(x), y, label_smoothing=cfg.label_smoothing)
+        ce_val = float(ce.detach())
+        if not math.isfinite(ce_val) or (pressured and not math.isfinite(_pressure(self.sched.gamma,
+                                                                                     cfg.pressure_exponent))):
+            raise self.nan_stop(ce_val if not math.isfinite(ce_val) else math.inf, where)
+        self.opt_w.zero_grad(set_to_none=True)
+        self.opt_m.zero_grad(set_to_none=True)
+        ce.backward()
+        self.opt_w.step()
+        self.opt_m.step()
+        self.since += 1
+        return ce_val, len(y)
+
+    def train_epoch(self, epoch: int) -> None:
+        """One epoch of mask + weight training, its scheduler updates, its record and checkpoint."""
+        cfg, steps = self.cfg, self.steps
+        pruning = epoch < cfg.prune_epochs
+        controlled = (pruning or self.hold) and cfg.constant_gamma is None
+        pressured = pruning or self.hold
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch)
+        self.loader.set_epoch(epoch)
+        self.net.train()
+        self.apply_pressure(pressured)
+        before = keep_masks(self.net)
+        upd_every = max(1, steps // cfg.updates_per_epoch)
+        run_ce, n_seen = 0.0, 0
+        bar = _bar(self.show, steps, f"{'prune' if pruning else 'regrow'} {epoch + 1}/{self.total_epochs}")
+        try:
+            for step, (x, y) in enumerate(self.loader):
+                if step >= steps:
+                    break
+                self.set_lrs(epoch, step, pruning)
+                ce_val, n = self.train_step(x, y, pressured, f"at epoch {epoch + 1}, step {step + 1}")
+                run_ce += ce_val * n
+                n_seen += n
+                # intra-epoch scheduler updates (updates_per_epoch > 1); the last one is at epoch end
+                if controlled and cfg.updates_per_epoch > 1 and (step + 1) % upd_every == 0 and (step + 1) < steps:
+                    self.update(epoch + (step + 1) / steps, min(upd_every, steps - step - 1))
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        rec = self.epoch_record(epoch, before, pruning, controlled, pressured, run_ce / max(n_seen, 1))
+        if controlled:
+            self.update(epoch + 1, 0 if epoch + 1 == self.total_epochs else min(upd_every, steps))
+        self.history.append(rec)
+        if epoch + 1 == cfg.prune_epochs:
+            self.keep_after_prune = {k: v.clone() for k, v in keep_masks(self.net).items()}
+        self.save_checkpoint(epoch + 1)
+
+    def epoch_record(self, epoch: int, before: dict, pruning: bool, controlled: bool, pressured: bool,
+                     ce: float) -> dict:
+        after = keep_masks(self.net)
+        rep = sparsity_report(self.net)
+        gamma_used = self.sched.gamma if pressured else 0.0
+        with torch.no_grad():
+            pterm = _pressure(gamma_used, self.cfg.pressure_exponent) * float(sum(p.sum() for p in self.logits)) \
+                / self.n_masked if pressured else 0.0
+        rec = {"epoch": epoch + 1, "phase": "prune" if pruning else "regrow", "gamma": gamma_used,
+               "remaining": rep["remaining"], "expected": self.sched.expected(epoch + 1) if controlled else None,
+               "regrew": sum(int((~before[k] & after[k]).sum()) for k in after),
+               "pruned": sum(int((before[k] & ~after[k]).sum()) for k in after), "ce": ce, "loss": ce + pterm,
+               "mask_lr": self.opt_m.param_groups[0]["lr"]}
+        if self.val is not None:
+            rec["val_accuracy"] = accuracy(self.net, self.val)
+        return rec
+
+    def scheduler_end(self, target_sparsity: float) -> dict:
+        """The scheduler's own end point (before any correction), warned about when off the tolerance."""
+        cfg = self.cfg
+        rep = sparsity_report(self.net)
+        err = rep["sparsity"] - target_sparsity
+        out = {"sparsity": rep["sparsity"], "target": target_sparsity, "error_pp": 100 * err,
+               "tolerance_pp": 100 * cfg.tolerance, "within_tolerance": abs(err) <= cfg.tolerance + 1e-12,
+               "accuracy": accuracy(self.net, self.test) if self.test is not None else None}
+        if cfg.constant_gamma is None and not out["within_tolerance"]:
+            msg = (f"Hyperflows: the scheduler ended at sparsity {rep['sparsity']:.4f} for a target of "
+                   f"{target_sparsity:.4f} ({100 * err:+.2f} pp, tolerance {100 * cfg.tolerance:.2f} pp)"
+                   + ("; the final top-k correction makes up the difference" if cfg.final_correction == "topk"
+                      else "; no correction was requested, so the result misses the target"))
+            out["warning"] = msg
+            warnings.warn(msg, stacklevel=4)
+        return out
+
+    def correct(self, data: DataSplits, scheduler: dict) -> dict:
+        """The final top-k correction; a fine-tune when it was needed, else BN re-estimation."""
+        cfg, net = self.cfg, self.net
+        final_keep = keep_masks(net)
+        out = {"method": cfg.final_correction, "sparsity_before": scheduler["sparsity"], "flipped": 0,
+               "switched_on": 0, "switched_off": 0, "accuracy_before": scheduler["accuracy"], "finetune_steps": 0}
+        if cfg.final_correction != "topk" or cfg.constant_gamma is not None:
+            return out
+        set_global_topk(net, int(round(self.target_remaining * self.n_masked)))
+        now = keep_masks(net)
+        out["switched_on"] = sum(int((now[k] & ~final_keep[k]).sum()) for k in now)
+        out["switched_off"] = sum(int((~now[k] & final_keep[k]).sum()) for k in now)
+        out["flipped"] = out["switched_on"] + out["switched_off"]
+        if not out["flipped"]:
+            return out
+        out["accuracy_after_flip"] = accuracy(net, self.test) if self.test is not None else None
+        # the fine-tune is for a correction that was needed (scheduler outside the tolerance); a
+        # within-tolerance end point flips a handful of weights and gets only BN re-estimation
+        ft = cfg.finetune_steps if cfg.finetune_steps is not None else (
+            0 if scheduler["within_tolerance"] else self.steps)
+        if ft > 0:
+            _finetune(net, self.loader, self.opt_w, ft, cfg, self.dev, self.total_epochs, self.nan_stop)
+            out["finetune_steps"] = ft
+        elif any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+            from flowprune.train import reestimate_bn
+
+            reestimate_bn(net, data.calibration_batches(cfg.batch_size, 10, seed=cfg.seed))
+            out["bn_reestimated"] = True
+        return out
+
+    def finish(self, data: DataSplits, tgt: dict, train_seconds: float) -> HyperflowsResult:
+        """Scheduler end point, correction, baking and the result record."""
+        from flowprune.sparse import bake
+
+        cfg, net = self.cfg, self.net
+        final_keep = keep_masks(net)
+        regrew_total = 0
+        if self.keep_after_prune is not None and cfg.regrow_epochs > 0:
+            regrew_total = sum(int((~self.keep_after_prune[k] & final_keep[k]).sum()) for k in final_keep)
+        scheduler = self.scheduler_end(tgt["masked_target"])
+        correction = self.correct(data, scheduler)
+        rep = sparsity_report(net)
+        correction["sparsity_after"] = rep["sparsity"]
+        net.eval()
+        baked = bake(net)
+        acc = accuracy(net, self.test) if self.test is not None else None
+        correction["accuracy_after"] = acc
+        h = self.history
+        rec = {"method": "hyperflows", "config": asdict(cfg), "mask_lr": self.mask_lr, "masked_weights": self.n_masked,
+               "sparsity": rep["sparsity"], "remaining": rep["remaining"], "kept": rep["kept"],
+               "overall_sparsity": (rep["total"] - rep["kept"]) / tgt["all_weights"],
+               "maskable_share": tgt["maskable_share"], "target_scope": cfg.target_scope,
+               "layers": {k: v["sparsity"] for k, v in rep["layers"].items()},
+               "accuracy": acc, "val_accuracy": accuracy(net, self.val) if self.val is not None else None,
+               "epochs": h, "gamma_trajectory": [e["gamma"] for e in h if e["phase"] == "prune"],
+               "remaining_per_epoch": [e["remaining"] for e in h], "regrew_total": regrew_total,
+               "scheduler": scheduler, "correction": correction, "s0": self.sched.s0,
+               "prune_target_remaining": self.prune_target, "initial_gamma": self.gamma0,
+               "train_seconds": train_seconds}
+        return HyperflowsResult(model=baked, record=rec, masked_model=net)
+
+
+def _bar(show: bool, total: int, desc: str):
+    """A tqdm progress bar on stderr when ``show`` and tqdm is installed, else ``None``."""
+    if not show:
+        return None
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
-        tqdm = None
-
-    def _nan_stop(value: float, where: str) -> FloatingPointError:
-        done = history[-1]["epoch"] if history else 0
-        kept = (f"The last good checkpoint (epoch {done} of {total_epochs}) is kept in {ckpt}" if ckpt and done
-                else "No checkpoint was written yet" if ckpt else "No checkpoint directory was given, so nothing was kept")
-        return FloatingPointError(
-            f"loss became {value} {where} (gamma={sched.gamma:.4g}); lower lr ({cfg.lr}) or mask_lr ({mask_lr}). "
-            f"{kept}.")
-
-    def _apply_pressure(active: bool) -> None:
-        p = _pressure(sched.gamma, cfg.pressure_exponent) if active else 0.0
-        set_pressure(net, p / n_masked)
-
-    t_start = time.perf_counter()
-    upd_every = max(1, steps // cfg.updates_per_epoch)
-    prev = [p.detach().clone() for p in logits]
-    since = 0
-    for epoch in range(start_epoch, total_epochs):
-        pruning = epoch < cfg.prune_epochs
-        controlled = (pruning or hold) and cfg.constant_gamma is None
-        pressured = pruning or hold
-        torch.manual_seed(cfg.seed * 1_000_003 + epoch)
-        loader.set_epoch(epoch)
-        net.train()
-        _apply_pressure(pressured)
-        before = keep_masks(net)
-        run_ce, n_seen = 0.0, 0
-        bar = tqdm(total=steps, desc=f"{'prune' if pruning else 'regrow'} {epoch + 1}/{total_epochs}",
-                   leave=False, file=sys.stderr) if (show and tqdm is not None) else None
-
-        def _update(e_now: float, steps_to_next: int) -> None:
-            nonlocal since, prev
-            rem = sparsity_report(net)["remaining"]
-            pred = None
-            ahead = max(steps_to_next, int(round(cfg.horizon * steps))) if steps_to_next else 0
-            if cfg.predictive and since > 0:
-                pred = predicted_remaining(logits, prev, ahead / since)
-            if e_now > cfg.prune_epochs:  # holding the target during regrowth: stronger feedback
-                sched.kp, sched.gain = cfg.kp * cfg.hold_boost, cfg.gain * cfg.hold_boost
-            sched.step(e_now, rem, predicted=pred, horizon=ahead / steps)
-            prev = [p.detach().clone() for p in logits]
-            since = 0
-            _apply_pressure(True)
-
-        for step, (x, y) in enumerate(loader):
-            if step >= steps:
-                break
-            g_step = epoch * steps + step
-            for grp in opt_w.param_groups:
-                grp["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * g_step / total_steps))
-            if not pruning:
-                r_step = (epoch - cfg.prune_epochs) * steps + step
-                for grp in opt_m.param_groups:
-                    grp["lr"] = mask_lr * 0.5 * (1 + math.cos(math.pi * r_step / (cfg.regrow_epochs * steps)))
-            x, y = x.to(dev), y.to(dev)
-            out = net(x)
-            ce = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
-            ce_val = float(ce.detach())
-            if not math.isfinite(ce_val) or (pressured and not math.isfinite(_pressure(sched.gamma, cfg.pressure_exponent))):
-                if bar is not None:
-                    bar.close()
-                bad = ce_val if not math.isfinite(ce_val) else math.inf
-                raise _nan_stop(bad, f"at epoch {epoch + 1}, step {step + 1}")
-            opt_w.zero_grad(set_to_none=True)
-            opt_m.zero_grad(set_to_none=True)
-            ce.backward()  # the pressure's gradient P/N is added inside the mask backward
-            opt_w.step()
-            opt_m.step()
-            since += 1
-            run_ce += ce_val * len(y)
-            n_seen += len(y)
-            # intra-epoch scheduler updates (updates_per_epoch > 1); the last one is at epoch end
-            if controlled and cfg.updates_per_epoch > 1 and (step + 1) % upd_every == 0 and (step + 1) < steps:
-                _update(epoch + (step + 1) / steps, min(upd_every, steps - step - 1))
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-        after = keep_masks(net)
-        regrew = sum(int((~before[k] & after[k]).sum()) for k in after)
-        pruned = sum(int((before[k] & ~after[k]).sum()) for k in after)
-        rep = sparsity_report(net)
-        gamma_used = sched.gamma if pressured else 0.0
-        with torch.no_grad():
-            pterm = _pressure(gamma_used, cfg.pressure_exponent) * float(sum(p.sum() for p in logits)) / n_masked \
-                if pressured else 0.0
-        rec = {"epoch": epoch + 1, "phase": "prune" if pruning else "regrow", "gamma": gamma_used,
-               "remaining": rep["remaining"], "expected": sched.expected(epoch + 1) if controlled else None,
-               "regrew": regrew, "pruned": pruned, "ce": run_ce / max(n_seen, 1),
-               "loss": run_ce / max(n_seen, 1) + pterm, "mask_lr": opt_m.param_groups[0]["lr"]}
-        if val is not None:
-            rec["val_accuracy"] = accuracy(net, val)
-        if controlled:
-            last = epoch + 1 == total_epochs
-            _update(epoch + 1, 0 if last else min(upd_every, steps))
-        history.append(rec)
-        if epoch + 1 == cfg.prune_epochs:
-            keep_after_prune = {k: v.clone() for k, v in after.items()}
-        if ckpt is not None:
-            _save_atomic({"model": net.state_dict(), "opt_w": opt_w.state_dict(), "opt_m": opt_m.state_dict(),
-                          "scheduler": sched.state_dict(), "epoch": epoch + 1, "history": history,
-                          "keep_after_prune": keep_after_prune, "config": asdict(cfg)}, ckpt)
-    set_pressure(net, 0.0)
-    train_seconds = time.perf_counter() - t_start
-
-    final_keep = keep_masks(net)
-    regrew_total = 0
-    if keep_after_prune is not None and cfg.regrow_epochs > 0:
-        regrew_total = sum(int((~keep_after_prune[k] & final_keep[k]).sum()) for k in final_keep)
-    before_corr = sparsity_report(net)
-    sched_err = before_corr["sparsity"] - target_sparsity
-    scheduler = {"sparsity": before_corr["sparsity"], "target": target_sparsity, "error_pp": 100 * sched_err,
-                 "tolerance_pp": 100 * cfg.tolerance, "within_tolerance": abs(sched_err) <= cfg.tolerance + 1e-12,
-                 "accuracy": accuracy(net, test) if test is not None else None}
-    correction = {"method": cfg.final_correction, "sparsity_before": before_corr["sparsity"], "flipped": 0,
-                  "switched_on": 0, "switched_off": 0, "accuracy_before": scheduler["accuracy"],
-                  "finetune_steps": 0}
-    if cfg.constant_gamma is None and not scheduler["within_tolerance"]:
-        msg = (f"Hyperflows: the scheduler ended at sparsity {before_corr['sparsity']:.4f} for a target of "
-               f"{target_sparsity:.4f} ({100 * sched_err:+.2f} pp, tolerance {100 * cfg.tolerance:.2f} pp)"
-               + ("; the final top-k correction makes up the difference" if cfg.final_correction == "topk"
-                  else "; no correction was requested, so the result misses the target"))
-        scheduler["warning"] = msg
-        warnings.warn(msg, stacklevel=2)
-    if cfg.final_correction == "topk" and cfg.constant_gamma is None:
-        want = int(round(target_remaining * n_masked))
-        set_global_topk(net, want)
-        now = keep_masks(net)
-        correction["switched_on"] = sum(int((now[k] & ~final_keep[k]).sum()) for k in now)
-        correction["switched_off"] = sum(int((~now[k] & final_keep[k]).sum()) for k in now)
-        correction["flipped"] = correction["switched_on"] + correction["switched_off"]
-        if correction["flipped"]:
-            correction["accuracy_after_flip"] = accuracy(net, test) if test is not None else None
-            # the fine-tune is for a correction that was needed (scheduler outside the tolerance); a
-            # within-tolerance end point flips a handful of weights and gets only BN re-estimation
-            ft = cfg.finetune_steps if cfg.finetune_steps is not None else (
-                0 if scheduler["within_tolerance"] else steps)
-            if ft > 0:
-                _finetune(net, loader, opt_w, ft, cfg, dev, total_epochs, _nan_stop)
-                correction["finetune_steps"] = ft
-            elif any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()):
-                from flowprune.train import reestimate_bn
-
-                reestimate_bn(net, data.calibration_batches(cfg.batch_size, 10, seed=cfg.seed))
-                correction["bn_reestimated"] = True
-    rep = sparsity_report(net)
-    correction["sparsity_after"] = rep["sparsity"]
-    net.eval()
-    baked = bake(net)
-    acc = accuracy(net, test) if test is not None else None
-    correction["accuracy_after"] = acc
-    overall = (rep["total"] - rep["kept"]) / tgt["all_weights"]
-    res = {"method": "hyperflows", "config": asdict(cfg), "mask_lr": mask_lr, "masked_weights": n_masked,
-           "sparsity": rep["sparsity"], "remaining": rep["remaining"], "kept": rep["kept"],
-           "overall_sparsity": overall, "maskable_share": tgt["maskable_share"], "target_scope": cfg.target_scope,
-           "layers": {k: v["sparsity"] for k, v in rep["layers"].items()},
-           "accuracy": acc, "val_accuracy": accuracy(net, val) if val is not None else None,
-           "epochs": history, "gamma_trajectory": [h["gamma"] for h in history if h["phase"] == "prune"],
-           "remaining_per_epoch": [h["remaining"] for h in history], "regrew_total": regrew_total,
-           "scheduler": scheduler, "correction": correction, "s0": sched.s0, "prune_target_remaining": prune_target,
-           "initial_gamma": float(gamma0), "train_seconds": train_seconds,
-           "masked_model": net, "model": baked}
-    return res
+        return None
+    return tqdm(total=total, desc=desc, leave=False, file=sys.stderr)
 
 
 def _fused_kw() -> dict:
@@ -610,8 +720,8 @@ def pressure_sweep(model: nn.Module, data: DataSplits, gammas: list[float], conf
     for g in gammas:
         if not (isinstance(g, (int, float)) and g > 0 and math.isfinite(g)):
             raise FlowpruneError(f"every pressure gamma must be a positive number, got {g!r}")
-    base = HyperflowsConfig(**{**asdict(config or HyperflowsConfig()), **overrides})
-    base = HyperflowsConfig(**{**asdict(base), "regrow_epochs": 0, "final_correction": "none"}).validate()
+    base = HyperflowsConfig.resolve(config, overrides)
+    base = HyperflowsConfig.resolve(base, {"regrow_epochs": 0, "final_correction": "none"})
     select_layers(model, base.layers, include_classifier=base.include_classifier)
     runs = []
     for g in gammas:
