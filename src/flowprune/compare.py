@@ -13,22 +13,21 @@ seeds of three accuracies (test split):
 plus the achieved MACs reduction, MACs, parameters, and measured latency (batch 1) and
 throughput (batch 256) with the speed-up over the dense model measured in the same process.
 
-Methods:
+Methods: every registered pruning procedure (:mod:`flowprune.procedures`), through one
+interface (``get_procedure(name).cut(dense, target, ctx)``):
 
-* flowprune scores (``agf``, ``taylor``, ``l1``, ``l2``, ``bn_scale``, ``wanda``, ``ria``,
-  ``random``): scored on the calibration batches, planned by :func:`flowprune.plan.plan_cuts` to
-  the MACs target and cut by :func:`flowprune.pruning.structural.apply_cuts`;
+* one per flowprune score (``agf``, ``agf-paper``, ``taylor``, ``l1``, ``l2``, ``bn_scale``,
+  ``wanda``, ``ria``, ``random``, ``divergence``, and any score registered later): scored on the
+  calibration batches, planned to the MACs target, mean-compensated and cut by the one cut step
+  (:func:`flowprune.step.plan_and_cut`);
 * ``tp-*``: Torch-Pruning's own importances through Torch-Pruning's own pruner
-  (``tp.pruner.MetaPruner``), the anchors flowprune must beat: ``tp-magnitude``
-  (``GroupMagnitudeImportance(p=2)``), ``tp-l1`` (``p=1``), ``tp-taylor``
-  (``GroupTaylorImportance``, gradients accumulated over the same calibration batches),
-  ``tp-bn-scale`` (``BNScaleImportance``) and ``tp-random`` (``RandomImportance``). Torch-Pruning
+  (:mod:`flowprune.procedures.torch_pruning`), the anchors flowprune must beat. Torch-Pruning
   has no MACs target: the pruning ratio is searched until the achieved reduction is within
   ``tol`` (3 %) of the target. In ``tp_mode="auto"`` (default) the uniform per-layer ratio is
-  tried first (Torch-Pruning's default, ``global_pruning=False``) and, when its reachable points
-  jump over the target, global ranking (``global_pruning=True``); the mode used, the ratio and
-  the achieved reduction are recorded, and a target that cannot be reached within ``tol`` is
-  reported at the nearest reachable point with ``within_tol = False``.
+  tried first (Torch-Pruning's default) and, when its reachable points jump over the target,
+  global ranking; ``-uniform`` / ``-global`` names fix the mode. A target that cannot be reached
+  within ``tol`` is reported at the nearest reachable point with ``within_tol = False``;
+* any procedure registered with ``@register_procedure`` (docs/extend/procedure.md).
 
 Also: the train-from-scratch baseline at the pruned architecture of ``scratch_from`` (default
 ``agf``): same widths, weights re-initialised, trained with the dense budget; and the Jaccard
