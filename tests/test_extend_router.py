@@ -8,6 +8,9 @@ import copy
 import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -106,3 +109,13 @@ def test_example_in_the_command_line(margin, experts, digits_data, tmp_path, cap
                "--router", "margin", "--router-option", "temprature=2", "--out", str(tmp_path / "bad")])
     err = capsys.readouterr().err
     assert rc == 2 and "'temprature'" in err and "accepted: temperature" in err
+
+
+def test_example_as_a_plugin_in_a_fresh_process():
+    """Named in FLOWPRUNE_PLUGINS, the file puts ``margin`` in ``flowprune route --router`` (no other edit)."""
+    env = {**os.environ, "FLOWPRUNE_PLUGINS": str(EXAMPLE), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "flowprune", "route", "--help"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    choices = out.stdout.replace("\n", " ").split("--router {")[1].split("}")[0]
+    assert "margin" in choices.split(",")

@@ -62,7 +62,7 @@ def get_router(name: str, **options) -> Router:
                              f"{', '.join(sorted(accepted)) or 'none'}")
     try:
         return cls(**options)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise FlowpruneError(f"bad option for router {name!r}: {e}") from None
 
 
