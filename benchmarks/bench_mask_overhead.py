@@ -18,9 +18,12 @@ and which variant is hit depends on the heap layout). The setting applies to all
   through :class:`flowprune.pruning.masks.LogitMask`, whose single autograd Function computes
   ``w * 1[m >= 0]`` (float mask by ``sign``) and in the backward ``g * mask`` and
   ``s * w * g + P/N`` (the pressure gradient folded in with one ``addcmul``); the same SGD for
-  the weights plus fused Adam for the logits.
+  the weights plus fused Adam for the logits, stepped as the trainer does
+  (:func:`flowprune.pruning.hyperflows.adam_step`: the fused kernel without the optimizer's
+  per-call Python); the keep mask is written into a buffer reused from step to step.
 * **prev** (the fused Function as first committed for issue 10, kept here for the comparison): the
-  same kernels, but the float keep mask and the pressure tensor are allocated anew every call.
+  same kernels, but the float keep mask and the pressure tensor are allocated anew every call,
+  and the logits' Adam is stepped through ``optimizer.step()``.
 * **legacy** (the implementation before issue 10, kept here for the comparison): bool mask
   ``(m >= 0).to(dtype)``, the pressure as a ``P * mean(m)`` term in the loss, for-loop Adam.
 
@@ -48,7 +51,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from flowprune.models import build_model
-from flowprune.pruning.hyperflows import _fused_kw
+from flowprune.pruning.hyperflows import _fused_kw, adam_step
 from flowprune.pruning.masks import (
     install_masks,
     mask_logits,
@@ -146,6 +149,19 @@ def _step_fn(net, opts, x, y, extra=None):
     return step
 
 
+class _TrainerAdam:
+    """The logits' Adam stepped the way the Hyperflows trainer steps it (:func:`adam_step`)."""
+
+    def __init__(self, opt):
+        self.opt = opt
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        adam_step(self.opt)
+
+
 def _split_opts(net, logits, fused: bool):
     ids = {id(p) for p in logits}
     adam = torch.optim.Adam(logits, lr=1e-3, **(_fused_kw() if fused else {"foreach": False}))
@@ -169,7 +185,7 @@ def make_steps(name: str, batch: int, shape=(1, 28, 28)):
     steps = {
         "dense": _step_fn(dense, [_sgd(dense.parameters())], x, y),
         "fused": _step_fn(fused, [_sgd(weight_parameters(fused)),
-                                  torch.optim.Adam(mask_logits(fused), lr=1e-3, **_fused_kw())], x, y),
+                                  _TrainerAdam(torch.optim.Adam(mask_logits(fused), lr=1e-3, **_fused_kw()))], x, y),
         "prev": _step_fn(prev, _split_opts(prev, _logits_of(prev, _PrevMask), True), x, y),
         "legacy": _step_fn(legacy, _split_opts(legacy, leg_logits, False), x, y,
                            extra=lambda: pressure * sum(p.sum() for p in leg_logits) / n),

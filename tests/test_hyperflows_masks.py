@@ -63,3 +63,28 @@ def test_keep_buffer_reused_across_steps_and_not_while_a_graph_lives():
     gx = x.sum(0).expand(4, 8)
     expected = gx * keep1 + gx * (1 - keep1)  # each graph used the keep of its own forward
     assert torch.allclose(w.grad, expected, atol=1e-6)
+
+
+def test_adam_step_matches_torch_adam():
+    from flowprune.pruning.hyperflows import _fused_kw, adam_step
+
+    torch.manual_seed(0)
+    a = [nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(7))]
+    b = [nn.Parameter(p.detach().clone()) for p in a]
+    oa = torch.optim.Adam(a, lr=0.01, **_fused_kw())
+    ob = torch.optim.Adam(b, lr=0.01, **_fused_kw())
+    for i in range(4):
+        grads = [torch.randn_like(p) for p in a]
+        for p, q, gr in zip(a, b, grads):
+            p.grad, q.grad = gr.clone(), gr.clone()
+        if i == 2:
+            for grp in (oa.param_groups[0], ob.param_groups[0]):
+                grp["lr"] = 0.003  # a schedule changes lr between steps
+        oa.step()
+        adam_step(ob)
+    for p, q in zip(a, b):
+        assert torch.allclose(p, q, atol=1e-7)
+    sa, sb = oa.state_dict(), ob.state_dict()
+    for k in sa["state"]:
+        for name in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.allclose(sa["state"][k][name], sb["state"][k][name])
