@@ -398,7 +398,9 @@ class EarlyExitCascade(_RoutedBase):
     @property
     def suffix(self) -> nn.Module | None:
         """The rest of the network after the exit (``h -> logits``), or None when it cannot be cut out."""
-        key = (id(self.backbone), self.stage)
+        # cut once per (backbone, stage) and cached: it shares the backbone's modules, as the old
+        # Sequential split did (replace a module of the backbone and build a new cascade)
+        key = (self.stage, id(self.backbone))
         cache = self.__dict__.get("_suffix_cache")
         if cache is None or cache[0] != key:
             cache = (key, suffix_after(self.backbone, self.stage))
