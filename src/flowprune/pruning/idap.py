@@ -561,7 +561,7 @@ class _Run:
             log.info("idap: resuming from %s (stage position %d, %d steps done)", rs.dir, state["stage_pos"],
                      len(state["steps"]))
         elif not self.meter.quality(current)["within"]:
-            state.update(done=True, stop_reason="the input model already breaks the budget against the reference "
+            state.update(done=True, final_done=True, stop_reason="the input model already breaks the budget against the reference "
                                                 "on the validation split; nothing was pruned")
         seconds0 = float(state.get("seconds", 0.0))
 
@@ -595,7 +595,7 @@ class _Run:
             state["stage_pos"] += 1
             current = self.last_model
             save()
-        if self.cfg.final_epochs > 0 and not state["final_done"] and not state["done"]:
+        if self.cfg.final_epochs > 0 and not state["final_done"]:
             current = self.final_finetune(current, state)
             state["final_done"] = True
             save()
