@@ -619,26 +619,50 @@ def channel_classes(group, dg, size: int, mod2name: dict,
     count met; ``reason`` a sentence when the group cannot be cut consistently (a grouped layer
     that reads only part of its channels from this group).
     """
-    parent = list(range(size))
+    uf = _UnionFind(size)
+    # 1. channels tied by the graph itself: one layer channel reached from two root channels (a
+    #    depthwise "cheap" branch concatenated back onto its source, as in GhostNet) -- cutting one
+    #    root channel cuts the other too, so they are one unit.
+    tied = _tie_shared_channels(group, size, ties, uf)
+    # 2. grouped convolutions and GroupNorms: the same offset in every group
+    g_max, why = _tie_group_offsets(group, dg, mod2name, uf)
+    if why is not None:
+        return None, g_max, why
+    if g_max == 1 and not tied:
+        return None, 1, None
+    classes: dict[int, list[int]] = {}
+    for r in range(size):
+        classes.setdefault(uf.find(r), []).append(r)
+    out = sorted(classes.values(), key=lambda c: c[0])
+    return (out if len(out) < size else None), g_max, None
 
-    def find(i):
+
+class _UnionFind:
+    """Union-find over ``0..size-1``; a class is represented by its smallest member."""
+
+    def __init__(self, size: int):
+        self.parent = list(range(size))
+
+    def find(self, i: int) -> int:
+        parent = self.parent
         while parent[i] != i:
             parent[i] = parent[parent[i]]
             i = parent[i]
         return i
 
-    def union(a, b):
-        a, b = find(a), find(b)
+    def union(self, a: int, b: int) -> None:
+        a, b = self.find(a), self.find(b)
         if a != b:
-            parent[max(a, b)] = min(a, b)
+            self.parent[max(a, b)] = min(a, b)
 
-    # 1. channels tied by the graph itself: one layer channel reached from two root channels (a
-    #    depthwise "cheap" branch concatenated back onto its source, as in GhostNet) -- cutting one
-    #    root channel cuts the other too, so they are one unit.
+
+def _tie_shared_channels(group, size: int, ties: Sequence[tuple[int, int]], uf: _UnionFind) -> bool:
+    """Union the root channels of ``ties`` and those that reach one layer channel through the same
+    handler; True if any root channels were tied."""
     reached: dict[tuple, int] = {}
     tied = bool(ties)
     for a, b in ties:
-        union(a, b)
+        uf.union(a, b)
     for item in group:
         key0 = (id(item.dep.target.module), item.dep.handler)
         for i, r in zip(item.idxs, item.root_idxs):
@@ -647,11 +671,19 @@ def channel_classes(group, dg, size: int, mod2name: dict,
                 continue
             key = key0 + (int(i),)
             if key in reached and reached[key] != r:
-                union(reached[key], r)
+                uf.union(reached[key], r)
                 tied = True
             else:
                 reached.setdefault(key, r)
-    # 2. grouped convolutions and GroupNorms: the same offset in every group
+    return tied
+
+
+def _tie_group_offsets(group, dg, mod2name: dict, uf: _UnionFind) -> tuple[int, str | None]:
+    """Union the root channels at the same offset of every group of each grouped conv / GroupNorm member.
+
+    Returns ``(largest group count met, None)``, or ``(that layer's group count, reason)`` for a
+    grouped layer that takes only part of its channels from this group (no consistent cut).
+    """
     g_max = 1
     for item in group:
         m = item.dep.target.module
@@ -667,24 +699,18 @@ def channel_classes(group, dg, size: int, mod2name: dict,
         idxs = [int(i) for i in item.idxs]
         roots = [int(r) for r in item.root_idxs]
         if len(set(idxs)) != dim:
-            return None, g, (f"grouped layer {mod2name.get(m, type(m).__name__)!r} ({g} groups) takes only part of its "
-                             f"{dim} channels from this group; a group-consistent cut is not possible")
+            return g, (f"grouped layer {mod2name.get(m, type(m).__name__)!r} ({g} groups) takes only part of its "
+                       f"{dim} channels from this group; a group-consistent cut is not possible")
         g_max = max(g_max, g)
         w = dim // g
         first: dict[int, int] = {}
         for i, r in zip(idxs, roots):
             off = i % w
             if off in first:
-                union(first[off], r)
+                uf.union(first[off], r)
             else:
                 first[off] = r
-    if g_max == 1 and not tied:
-        return None, 1, None
-    classes: dict[int, list[int]] = {}
-    for r in range(size):
-        classes.setdefault(find(r), []).append(r)
-    out = sorted(classes.values(), key=lambda c: c[0])
-    return (out if len(out) < size else None), g_max, None
+    return g_max, None
 
 
 def _output_layers(dg, mod2name: dict) -> set[str]:
@@ -757,8 +783,35 @@ def _remap(members: list[Member], class_of: torch.Tensor) -> list[Member]:
 def analyse(model: nn.Module, example_inputs: torch.Tensor, *, kinds: Sequence[str] = KINDS,
             ignored_layers: Sequence[nn.Module | str] | None = None, validate: bool = True):
     """:func:`find_units` plus the DependencyGraph it used: ``(units, dg)``."""
-    import torch_pruning as tp
+    kinds = _check_analyse_args(model, kinds)
+    named = dict(model.named_modules())
+    mod2name = {m: n for n, m in named.items()}
+    ignored = _ignored_names(ignored_layers, named, mod2name)
+    excluded = _classifier_names(model) | _embedding_names(model)
+    reasons = unsupported_reasons(model)
+    attn_names = {n for n, m in named.items() if is_attention(m)}
+    dg = build_graph(model, example_inputs)
+    _add_graph_reasons(model, dg, reasons, excluded)
+    excluded |= _output_layers(dg, mod2name)
 
+    units = UnitList()
+    units.unsupported = list(reasons)
+    units.reasons = reasons
+    units.excluded = sorted(excluded)
+    order = {n: i for i, n in enumerate(named)}
+    if kinds != ("head",):
+        scan = _ChannelGroups(model, dg, named, mod2name, order, ignored, excluded, attn_names, units.unsupported)
+        scan.add_units(units, kinds)
+    if "head" in kinds:
+        _add_head_units(units, named, order, attn_names, ignored, excluded)
+    units.sort(key=lambda u: order[u.name])
+    if validate and _has_splits(dg):
+        units = _without_trial_failures(model, example_inputs, units, kinds, ignored_layers)
+    return units, dg
+
+
+def _check_analyse_args(model: nn.Module, kinds: Sequence[str]) -> tuple[str, ...]:
+    """``kinds`` as a tuple, once ``model`` is an ``nn.Module`` and every kind is known (else FlowpruneError)."""
     if not isinstance(model, nn.Module):
         raise FlowpruneError(f"model must be a torch nn.Module, got {type(model).__name__}")
     if isinstance(kinds, str):
@@ -767,8 +820,12 @@ def analyse(model: nn.Module, example_inputs: torch.Tensor, *, kinds: Sequence[s
     for k in kinds:
         if k not in KINDS:
             raise bad_choice("unit kind", k, KINDS)
-    named = dict(model.named_modules())
-    mod2name = {m: n for n, m in named.items()}
+    return kinds
+
+
+def _ignored_names(ignored_layers: Sequence[nn.Module | str] | None, named: dict[str, nn.Module],
+                   mod2name: dict[nn.Module, str]) -> set[str]:
+    """Module names of ``ignored_layers`` (modules or names), each checked to be a module of the model."""
     ignored: set[str] = set()
     for layer in ignored_layers or ():
         if isinstance(layer, str):
@@ -779,14 +836,13 @@ def analyse(model: nn.Module, example_inputs: torch.Tensor, *, kinds: Sequence[s
             if layer not in mod2name:
                 raise FlowpruneError("an ignored layer is not a module of the model")
             ignored.add(mod2name[layer])
-    excluded = _classifier_names(model) | _embedding_names(model)
-    reasons = unsupported_reasons(model)
-    attn_names = {n for n, m in named.items() if is_attention(m)}
-    attn_inner = set()
-    for a in attn_names:
-        attn_inner.update({f"{a}.qkv", f"{a}.gate"})
-    dg = build_graph(model, example_inputs)
-    from flowprune.tp_ext import is_opaque, uses_channel_shuffle
+    return ignored
+
+
+def _add_graph_reasons(model: nn.Module, dg, reasons: dict[str, str], excluded: set[str]) -> None:
+    """Add to ``reasons`` what the trace found (channel shuffles, functional users, modules it never
+    reached that are not excluded) and log a warning listing every layer left intact."""
+    from flowprune.tp_ext import uses_channel_shuffle
 
     if uses_channel_shuffle(model):
         reasons.setdefault("<shuffle>", "channel shuffle (a view/transpose/view permutation): the channels it "
@@ -800,63 +856,53 @@ def analyse(model: nn.Module, example_inputs: torch.Tensor, *, kinds: Sequence[s
     if reasons:
         log.warning("flowprune cannot cut these layers; they and every layer coupled to them are left intact: %s",
                     "; ".join(f"{n} ({r})" for n, r in reasons.items()))
-    excluded |= _output_layers(dg, mod2name)
-    unsupported = list(reasons)
-    pname = {id(p): n for n, p in model.named_parameters()}
 
-    units = UnitList()
-    units.unsupported = unsupported
-    units.reasons = reasons
-    units.excluded = sorted(excluded)
-    order = {n: i for i, n in enumerate(named)}
-    unsupported_mods = {named[n] for n in unsupported if n in named}
-    ignored_mods = [named[n] for n in ignored | excluded if n in named]
-    if kinds != ("head",):
+
+class _ChannelGroups:
+    """The channel / neuron units of one traced model, from Torch-Pruning's groups (for :func:`analyse`).
+
+    Holds the model's names and what is left out: ``ignored`` and ``excluded`` layer names, the
+    attention modules (their ``qkv``/``gate`` outputs and ``proj`` inputs are cut as heads) and the
+    modules flowprune cannot cut (``unsupported``: every group touching one is left intact).
+    """
+
+    def __init__(self, model: nn.Module, dg, named: dict[str, nn.Module], mod2name: dict[nn.Module, str],
+                 order: dict[str, int], ignored: set[str], excluded: set[str], attn_names: set[str],
+                 unsupported: Sequence[str]):
+        self.dg, self.named, self.mod2name, self.order = dg, named, mod2name, order
+        self.ignored, self.excluded, self.attn_names = ignored, excluded, attn_names
+        self.attn_inner = set()
+        for a in attn_names:
+            self.attn_inner.update({f"{a}.qkv", f"{a}.gate"})
+        self.unsupported_mods = {named[n] for n in unsupported if n in named}
+        self.pname = {id(p): n for n, p in model.named_parameters()}
+
+    def add_units(self, units: UnitList, kinds: tuple[str, ...]) -> None:
+        """Append a unit of ``kinds`` for every group that can be cut; a group whose indices or grouped
+        layers cannot be cut consistently goes to ``units.unsupported`` with its reason (logged)."""
+        import torch_pruning as tp
+
+        dg, named = self.dg, self.named
+        ignored_mods = [named[n] for n in self.ignored | self.excluded if n in named]
         for group in dg.get_all_groups(ignored_layers=ignored_mods, root_module_types=(tp.ops.TORCH_CONV,
                                                                                         tp.ops.TORCH_LINEAR)):
-            producers, norms, consumers, others = _members_from_group(group, dg, mod2name)
-            names_out = [p.module_name for p in producers]
-            if not producers:
+            producers, norms, consumers, others = _members_from_group(group, dg, self.mod2name)
+            if self._left_intact(producers, norms, consumers, others):
                 continue
-            # excluded: classifier outputs, embeddings, unwrapped parameters, qkv outputs
-            if any(n in excluded or n in ignored or n in attn_inner for n in names_out):
-                continue
-            params = [o for o in others if isinstance(o, nn.Parameter)]
-            if any(param_kind(pname.get(id(p), ""), p) != "scale" for p in params):
-                continue  # coupled to a token embedding (transformer residual stream) or an unsupported parameter
-            all_mods = {named[m.module_name] for m in producers + norms + consumers}
-            touched_bad = [o for o in others if isinstance(o, nn.Module) and (o in unsupported_mods or is_opaque(dg, o))]
-            if touched_bad or (all_mods & unsupported_mods):
-                continue
-            if any(c.module_name in attn_inner or c.module_name.endswith(".proj") and
-                   c.module_name.rpartition(".")[0] in attn_names for c in consumers):
-                continue
-            # Name the unit after its first member in module order, re-rooting the group there, when
-            # that member carries every channel of the group one to one (residual streams); across a
-            # concatenation no single member does, and the group keeps Torch-Pruning's root.
-            tp_root = group[0].dep.target.module
-            group_size = len(group[0].idxs)
-            root_name = min(names_out, key=lambda n: order[n])
-            first = next(p for p in producers if p.module_name == root_name)
-            pr = dg.get_pruner_of_module(named[root_name])
-            if len(first.idxs) != group_size or int(pr.get_out_channels(named[root_name])) != group_size:
-                root_name = mod2name[tp_root]
+            root_name = self._root_name(group, producers)
             root = named[root_name]
             kind = "channel" if isinstance(root, nn.modules.conv._ConvNd) else "neuron"
             if kind not in kinds:
                 continue
             pruner = dg.get_pruner_of_module(root)
             size = int(pruner.get_out_channels(root))
-            if root is not tp_root:
+            if root is not group[0].dep.target.module:
                 group = dg.get_pruning_group(root, pruner.prune_out_channels, list(range(size)))
-                producers, norms, consumers, _ = _members_from_group(group, dg, mod2name)
+                producers, norms, consumers, _ = _members_from_group(group, dg, self.mod2name)
             why = _bad_indices(producers + norms + consumers, named)
-            if why is not None:
-                units.unsupported.append(root_name)
-                units.reasons[root_name] = why
-                log.warning("channels of %s are left intact: %s", root_name, why)
-                continue
-            classes, n_groups, why = channel_classes(group, dg, size, mod2name, graph_ties(group, dg, root, size))
+            if why is None:
+                classes, n_groups, why = channel_classes(group, dg, size, self.mod2name,
+                                                         graph_ties(group, dg, root, size))
             if why is not None:
                 units.unsupported.append(root_name)
                 units.reasons[root_name] = why
@@ -874,40 +920,87 @@ def analyse(model: nn.Module, example_inputs: torch.Tensor, *, kinds: Sequence[s
                                       producers=producers, norms=norms, consumers=consumers,
                                       block=root_name.rpartition(".")[0], group=group, classes=classes,
                                       channel_groups=n_groups))
-    if "head" in kinds:
-        for a in sorted(attn_names, key=lambda n: order[n]):
-            if a in ignored or a in excluded:
-                continue
-            m = named[a]
-            if isinstance(getattr(m, "norm", None), nn.Module) and not isinstance(m.norm, (nn.Identity, nn.LayerNorm)):
-                log.warning("attention %s has an unsupported scale norm %s; its heads are left intact", a,
-                            type(m.norm).__name__)
-                units.unsupported.append(f"{a}.norm")
-                units.reasons[f"{a}.norm"] = f"attention scale norm of type {type(m.norm).__name__} has no head rule"
-                continue
-            h, d = int(m.num_heads), int(m.head_dim)
-            ar = torch.arange(h * d)
-            heads_of = ar // d
-            qkv_idx = torch.cat([ar + s * h * d for s in range(3)])
-            producers = [Member(f"{a}.qkv", "out", qkv_idx, heads_of.repeat(3))]
-            if isinstance(getattr(m, "gate", None), nn.Linear):
-                producers.append(Member(f"{a}.gate", "out", ar, heads_of))
-            norms = [Member(f"{a}.norm", "out", ar, heads_of)] if isinstance(getattr(m, "norm", None),
-                                                                             nn.LayerNorm) else []
-            units.append(PrunableUnit(name=a, kind="head", module=m, size=h, producers=producers, norms=norms,
-                                      consumers=[Member(f"{a}.proj", "in", ar, heads_of)],
-                                      block=a.rpartition(".")[0], head_dim=d))
-    units.sort(key=lambda u: order[u.name])
-    if validate and _has_splits(dg):
-        bad = trial_cuts(model, example_inputs, units, kinds=kinds, ignored_layers=ignored_layers)
-        if bad:
-            log.warning("channels left intact (a trial cut breaks the model): %s", ", ".join(bad))
-            keep = UnitList(u for u in units if u.name not in bad)
-            keep.unsupported = units.unsupported + list(bad)
-            keep.reasons = {**units.reasons, **bad}
-            keep.excluded = units.excluded
-            units = keep
-    return units, dg
+
+    def _left_intact(self, producers: list[Member], norms: list[Member], consumers: list[Member],
+                     others: list) -> bool:
+        """True for a group flowprune does not cut: no producer, or it touches an excluded, ignored or
+        unsupported layer, a token embedding or other unsupported parameter, or an attention's inside."""
+        from flowprune.tp_ext import is_opaque
+
+        named, attn_inner = self.named, self.attn_inner
+        names_out = [p.module_name for p in producers]
+        if not producers:
+            return True
+        # excluded: classifier outputs, embeddings, unwrapped parameters, qkv outputs
+        if any(n in self.excluded or n in self.ignored or n in attn_inner for n in names_out):
+            return True
+        params = [o for o in others if isinstance(o, nn.Parameter)]
+        if any(param_kind(self.pname.get(id(p), ""), p) != "scale" for p in params):
+            return True  # coupled to a token embedding (transformer residual stream) or an unsupported parameter
+        all_mods = {named[m.module_name] for m in producers + norms + consumers}
+        touched_bad = [o for o in others
+                       if isinstance(o, nn.Module) and (o in self.unsupported_mods or is_opaque(self.dg, o))]
+        if touched_bad or (all_mods & self.unsupported_mods):
+            return True
+        return any(c.module_name in attn_inner or c.module_name.endswith(".proj") and
+                   c.module_name.rpartition(".")[0] in self.attn_names for c in consumers)
+
+    def _root_name(self, group, producers: list[Member]) -> str:
+        """The unit's root layer: its first producer in module order when that member carries every
+        channel of the group one to one (residual streams), else Torch-Pruning's root (across a
+        concatenation no single member does)."""
+        named = self.named
+        tp_root = group[0].dep.target.module
+        group_size = len(group[0].idxs)
+        root_name = min((p.module_name for p in producers), key=lambda n: self.order[n])
+        first = next(p for p in producers if p.module_name == root_name)
+        pr = self.dg.get_pruner_of_module(named[root_name])
+        if len(first.idxs) != group_size or int(pr.get_out_channels(named[root_name])) != group_size:
+            root_name = self.mod2name[tp_root]
+        return root_name
+
+
+def _add_head_units(units: UnitList, named: dict[str, nn.Module], order: dict[str, int], attn_names: set[str],
+                    ignored: set[str], excluded: set[str]) -> None:
+    """Append a head unit for every attention module not ignored or excluded, in module order; one
+    with a scale norm other than LayerNorm goes to ``units.unsupported`` (logged)."""
+    for a in sorted(attn_names, key=lambda n: order[n]):
+        if a in ignored or a in excluded:
+            continue
+        m = named[a]
+        if isinstance(getattr(m, "norm", None), nn.Module) and not isinstance(m.norm, (nn.Identity, nn.LayerNorm)):
+            log.warning("attention %s has an unsupported scale norm %s; its heads are left intact", a,
+                        type(m.norm).__name__)
+            units.unsupported.append(f"{a}.norm")
+            units.reasons[f"{a}.norm"] = f"attention scale norm of type {type(m.norm).__name__} has no head rule"
+            continue
+        h, d = int(m.num_heads), int(m.head_dim)
+        ar = torch.arange(h * d)
+        heads_of = ar // d
+        qkv_idx = torch.cat([ar + s * h * d for s in range(3)])
+        producers = [Member(f"{a}.qkv", "out", qkv_idx, heads_of.repeat(3))]
+        if isinstance(getattr(m, "gate", None), nn.Linear):
+            producers.append(Member(f"{a}.gate", "out", ar, heads_of))
+        norms = [Member(f"{a}.norm", "out", ar, heads_of)] if isinstance(getattr(m, "norm", None),
+                                                                         nn.LayerNorm) else []
+        units.append(PrunableUnit(name=a, kind="head", module=m, size=h, producers=producers, norms=norms,
+                                  consumers=[Member(f"{a}.proj", "in", ar, heads_of)],
+                                  block=a.rpartition(".")[0], head_dim=d))
+
+
+def _without_trial_failures(model: nn.Module, example_inputs: torch.Tensor, units: UnitList,
+                            kinds: tuple[str, ...], ignored_layers) -> UnitList:
+    """``units`` less those whose trial cut breaks the model (:func:`trial_cuts`), which move to
+    ``unsupported`` with their reason (logged); ``units`` itself when every trial cut runs."""
+    bad = trial_cuts(model, example_inputs, units, kinds=kinds, ignored_layers=ignored_layers)
+    if not bad:
+        return units
+    log.warning("channels left intact (a trial cut breaks the model): %s", ", ".join(bad))
+    keep = UnitList(u for u in units if u.name not in bad)
+    keep.unsupported = units.unsupported + list(bad)
+    keep.reasons = {**units.reasons, **bad}
+    keep.excluded = units.excluded
+    return keep
 
 
 def _has_splits(dg) -> bool:
