@@ -457,8 +457,11 @@ def route_early_exit(model: nn.Module, data, *, stage: str | None = None, router
                      sweep: bool = True, diagnostic: bool = False, rounds: int = 3, latency_samples: int = 100,
                      seed: int = 0) -> RouteResult:
     """The early-exit variant of :func:`route_experts`: one network (copied) with an exit head after
-    ``stage`` (default: ``layer1`` for ResNets, mid-body otherwise) trained on ``data.train`` with
-    the backbone frozen; escalated samples continue from the stage's activation."""
+    module ``stage`` (any name in ``model.named_modules()``; default
+    :func:`~flowprune.route.cascade.default_exit_stage`: ``layer1`` when there is one, else the
+    middle of the main top-level Sequential), attached by a hook, so flowprune, torchvision and timm
+    models all work. The head is trained on ``data.train`` with the backbone frozen; escalated
+    samples continue from the exit's activation."""
     from flowprune.route.cascade import build_early_exit
 
     r = build_router(router, router_kwargs, seed=seed, hidden=learned_hidden)

@@ -463,7 +463,7 @@ def build_early_exit(model: nn.Module, data, *, stage: str | None = None, router
     The head is trained on ``data.train`` (no augmentation) with Adam, cross-entropy, on the
     stage activations computed once with the backbone in eval mode. Returns an
     :class:`EarlyExitCascade` with ``threshold`` (default ``inf``: never exit to the heavy part;
-    calibrate it with :func:`flowprune.route.calibrate.calibrate_threshold`).
+    calibrate it with :func:`flowprune.route.calibrate.calibrate`).
     """
     from flowprune.data import make_loader
     from flowprune.errors import check_positive_int
