@@ -224,21 +224,21 @@ def part_t() -> tuple[list[dict], list[dict]]:
     return rows, raw
 
 
-def part_m(seeds, targets, pe, re_, max_batches, sweep_gammas, sweep_epochs, dense_dir="runs/bench/dense",
-           saved_law: dict | None = None):
-    """ResNet-20 on mnist5k from the saved 15-epoch dense checkpoints: law sweep, then HF vs GMP vs one-shot."""
+def part_m(seeds, targets, pe, re_, max_batches, sweep_gammas, sweep_epochs, saved_law: dict | None = None,
+           model_key: str = "resnet20"):
+    """A CNN on mnist5k from its cached dense checkpoints (``benchmarks._dense``: trained there when
+    missing): law sweep, then HF vs GMP vs one-shot."""
     import warnings
 
-    from flowprune.io import load
+    from benchmarks._dense import dense_model
 
-    data = load_dataset("mnist5k", seed=0)
-    test = make_loader(data.test, 512)
     total = pe + re_
     raw, law_out = [], None
     for seed in seeds:
-        dense = load(f"{dense_dir}/resnet20_mnist5k_e15_s{seed}")
+        dense, data, info = dense_model(model_key, seed)
+        test = make_loader(data.test, 512)
         dense_acc = accuracy(dense, test)
-        print(f"[resnet20 seed {seed}] dense {dense_acc:.4f}", file=sys.stderr, flush=True)
+        print(f"[{model_key} seed {seed}] dense {dense_acc:.4f} ({info['path']})", file=sys.stderr, flush=True)
         law = saved_law
         if saved_law is None and sweep_gammas and seed == seeds[0]:
             t0 = time.perf_counter()
@@ -294,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                     "part A on digits, also turned on by --resnet; T = scheduler end points, old vs new controller; "
                     "M = ResNet-20 on mnist5k from runs/bench/dense checkpoints)")
     ap.add_argument("--m-seeds", default="0", help="part M: seeds (dense checkpoints s0..s2)")
+    ap.add_argument("--m-model", default="resnet20", help="part M: model key of benchmarks._dense (resnet20, vgg8)")
     ap.add_argument("--m-targets", default="0.9,0.95,0.98")
     ap.add_argument("--m-epochs", default="7,3", help="part M: prune,regrow epochs (GMP/one-shot get the sum)")
     ap.add_argument("--m-batches", type=int, default=20, help="part M: batches per epoch (of 27)")
@@ -354,10 +355,13 @@ def main(argv: list[str] | None = None) -> int:
             saved = _json.loads(Path(args.m_law).read_text())["M"]["law"]
         rows_m, raw_m, law_m = part_m([int(v) for v in args.m_seeds.split(",")],
                                       [float(v) for v in args.m_targets.split(",")], pe_m, re_m, args.m_batches,
-                                      m_gammas, args.m_sweep_epochs, saved_law=saved)
-        results["M"] = {"runs": raw_m, "law": law_m, "prune_epochs": pe_m, "regrow_epochs": re_m,
-                        "batches_per_epoch": args.m_batches}
-        title_m = (f"M. ResNet-20 on mnist5k (dense checkpoints trained 15 epochs), REDUCED: {pe_m} prune + {re_m} "
+                                      m_gammas, args.m_sweep_epochs, saved_law=saved, model_key=args.m_model)
+        from benchmarks._dense import DENSE
+
+        results["M"] = {"model": args.m_model, "runs": raw_m, "law": law_m, "prune_epochs": pe_m,
+                        "regrow_epochs": re_m, "batches_per_epoch": args.m_batches}
+        title_m = (f"M. {args.m_model} on mnist5k (dense checkpoints trained {DENSE[args.m_model][2]} epochs), "
+                   f"REDUCED: {pe_m} prune + {re_m} "
                    f"regrow epochs vs GMP / one-shot + FT {pe_m + re_m} epochs, {args.m_batches} of 27 batches per "
                    f"epoch, seeds {args.m_seeds}")
         if m_gammas or saved:
