@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from flowprune.errors import FlowpruneError
+from flowprune.measure import runs_on as _runs
+from flowprune.tp_ext import dedupe_group as _dedupe_group
 
 
 def _example(model: nn.Module, example_inputs: torch.Tensor | None) -> torch.Tensor:
@@ -63,32 +65,7 @@ def cut_heads(attn: nn.Module, heads: Sequence[int]) -> None:
     attn.head_dim = d  # unchanged by a head cut, and so is ``scale`` (head_dim ** -0.5 or a custom value)
 
 
-def _dedupe_group(group) -> None:
-    """Drop repeated indices from every item of a Torch-Pruning group, in place.
-
-    When a unit's channels reach a layer along two paths (e.g. GhostNet's concatenation read
-    through an alias and a squeeze-excite mean), Torch-Pruning can list an index twice; its layer
-    pruners then subtract the repeats from ``in_channels``/``out_channels`` and leave the
-    attribute smaller than the weight.
-    """
-    from torch_pruning._helpers import GroupItem
-
-    for k, item in enumerate(list(group.items)):
-        idxs = list(item.idxs)
-        if len(set(idxs)) == len(idxs):
-            continue
-        roots = list(item.root_idxs) if item.root_idxs is not None else [None] * len(idxs)
-        seen, keep_i, keep_r = set(), [], []
-        for i, r in zip(idxs, roots):
-            if i not in seen:
-                seen.add(i)
-                keep_i.append(i)
-                keep_r.append(r)
-        new = GroupItem(dep=item.dep, idxs=keep_i)
-        new.root_idxs = keep_r if item.root_idxs is not None else None
-        group[k] = new
-
-
+# _dedupe_group lives in flowprune.tp_ext (a Torch-Pruning group helper units.py needs too)
 def _keep_every_member(unit, lst: list[int]) -> list[int]:
     """``lst`` minus what would leave a member layer with no channel at all.
 
@@ -138,17 +115,6 @@ def apply_cuts(model: nn.Module, cuts: Mapping[str, torch.Tensor | Sequence[int]
         raise FlowpruneError("the cut model does not run on example_inputs, though every unit cut alone in "
                              "sequence did; cut fewer units at a time")
     return new
-
-
-def _runs(model: nn.Module, x: torch.Tensor) -> bool:
-    from flowprune.measure import eval_mode
-
-    try:
-        with eval_mode(model), torch.no_grad():
-            model(x[:1])
-    except Exception:  # noqa: BLE001 -- only whether it runs
-        return False
-    return True
 
 
 def _cut(model: nn.Module, cuts, x: torch.Tensor, *, check_each: bool) -> nn.Module:

@@ -158,3 +158,13 @@ def model_summary(model: nn.Module, test_data=None, input_shape: Sequence[int] |
     if speed:
         out.update(speed_report(model, input_shape))
     return out
+
+
+def runs_on(model: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``model`` runs on one example of ``x`` (eval mode, no grad); any exception means no."""
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(x[:1])
+    except Exception:  # noqa: BLE001 -- only whether it runs
+        return False
+    return True

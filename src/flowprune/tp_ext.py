@@ -183,3 +183,29 @@ def barriers_while_tracing(model: nn.Module):
 def is_opaque(dg, module) -> bool:
     """Whether Torch-Pruning handles ``module`` with :class:`OpaquePruner` in graph ``dg``."""
     return isinstance(module, nn.Module) and isinstance(dg.get_pruner_of_module(module), OpaquePruner)
+
+
+def dedupe_group(group) -> None:
+    """Drop repeated indices from every item of a Torch-Pruning group, in place.
+
+    When a unit's channels reach a layer along two paths (e.g. GhostNet's concatenation read
+    through an alias and a squeeze-excite mean), Torch-Pruning can list an index twice; its layer
+    pruners then subtract the repeats from ``in_channels``/``out_channels`` and leave the
+    attribute smaller than the weight.
+    """
+    from torch_pruning._helpers import GroupItem
+
+    for k, item in enumerate(list(group.items)):
+        idxs = list(item.idxs)
+        if len(set(idxs)) == len(idxs):
+            continue
+        roots = list(item.root_idxs) if item.root_idxs is not None else [None] * len(idxs)
+        seen, keep_i, keep_r = set(), [], []
+        for i, r in zip(idxs, roots):
+            if i not in seen:
+                seen.add(i)
+                keep_i.append(i)
+                keep_r.append(r)
+        new = GroupItem(dep=item.dep, idxs=keep_i)
+        new.root_idxs = keep_r if item.root_idxs is not None else None
+        group[k] = new

@@ -1025,7 +1025,8 @@ def trial_cuts(model: nn.Module, example_inputs: torch.Tensor, units: Sequence[P
     """
     import copy
 
-    from flowprune.cut import _dedupe_group, _runs
+    from flowprune.measure import runs_on as _runs
+    from flowprune.tp_ext import dedupe_group as _dedupe_group
 
     x = example_inputs
 
