@@ -124,8 +124,8 @@ def test_no_function_over_80_lines():
     assert not long_functions()
 
 
-PUBLIC = ["prune", "PruneConfig", "PruneResult", "idap", "hyperflows", "hyperflows_prune", "HyperflowsConfig",
-          "route_experts", "compare", "CompareConfig", "train_model", "TrainConfig", "fit", "find_units",
+PUBLIC = ["prune", "PruneConfig", "PruneResult", "idap", "IdapConfig", "IdapResult", "hyperflows", "hyperflows_prune",
+          "HyperflowsConfig", "HyperflowsResult", "route_experts", "RouteConfig", "RouteResult", "compare", "CompareConfig", "train_model", "TrainConfig", "fit", "find_units",
           "get_score", "list_scores", "register_score", "plan_cuts", "apply_cuts", "cut_heads", "plan_and_cut",
           "get_procedure", "list_procedures", "register_procedure", "register_router", "get_router",
           "list_routers", "load_plugins", "load", "save", "export", "build_model", "load_dataset", "__version__"]
@@ -142,3 +142,23 @@ def test_version_has_one_source():
     from flowprune._version import __version__ as v
 
     assert __version__ == v and v.count(".") == 2
+
+
+PROCEDURES = {"prune": "PruneConfig", "idap": "IdapConfig", "hyperflows_prune": "HyperflowsConfig",
+              "route_experts": "RouteConfig", "compare": "CompareConfig", "train_model": "TrainConfig"}
+
+
+@pytest.mark.parametrize("name", sorted(PROCEDURES))
+def test_every_procedure_has_one_shape(name):
+    """``fn(model, data, config=None, **overrides)`` with a validated config that rejects unknown names."""
+    import inspect
+
+    fp = importlib.import_module("flowprune")
+    fn, cfg_cls = getattr(fp, name), getattr(fp, PROCEDURES[name])
+    params = inspect.signature(fn).parameters
+    assert "config" in params and params["config"].default is None
+    assert "data" in params and list(params).index("data") < list(params).index("config")
+    assert any(p.kind is p.VAR_KEYWORD for p in params.values())
+    assert issubclass(cfg_cls, fp.ProcedureConfig)
+    with pytest.raises(fp.FlowpruneError, match="unknown option 'no_such_field'"):
+        cfg_cls.resolve(None, {"no_such_field": 1})

@@ -31,10 +31,10 @@ from flowprune.procedures import (  # noqa: E402
     list_procedures,
     register_procedure,
 )
-from flowprune.pruning.hyperflows import HyperflowsConfig, hyperflows_prune  # noqa: E402
-from flowprune.pruning.idap import idap  # noqa: E402
+from flowprune.pruning.hyperflows import HyperflowsConfig, HyperflowsResult, hyperflows_prune  # noqa: E402
+from flowprune.pruning.idap import IdapConfig, IdapResult, idap  # noqa: E402
 from flowprune.pruning.structural import PruneConfig, PruneResult, prune  # noqa: E402
-from flowprune.route.api import route_experts  # noqa: E402
+from flowprune.route.api import RouteConfig, RouteResult, route_experts  # noqa: E402
 from flowprune.route.io import load_cascade  # noqa: E402
 from flowprune.route.routers import Router, get_router, list_routers, register_router  # noqa: E402
 from flowprune.runstate import RunState  # noqa: E402
@@ -53,12 +53,17 @@ __all__ = [
     "DataSplits",
     "FlowpruneError",
     "HyperflowsConfig",
+    "HyperflowsResult",
+    "IdapConfig",
+    "IdapResult",
     "ProcedureConfig",
     "ProcedureResult",
     "PruneConfig",
     "PruneResult",
     "Pruned",
     "PruningProcedure",
+    "RouteConfig",
+    "RouteResult",
     "Router",
     "RunState",
     "Score",
