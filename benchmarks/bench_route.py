@@ -1,4 +1,4 @@
-"""Benchmark: decoupled routing (AGF-pruned light expert + full heavy expert), METHODS.md §2.
+"""Benchmark: decoupled routing (AGF-pruned light expert + full heavy expert), docs/methods.md §2.
 
     python -m benchmarks.bench_route            # full run (mnist5k/resnet20, mnist1d/cnn1d)
     python -m benchmarks.bench_route --quick    # tiny smoke run (fewer epochs, no speed)

@@ -1,4 +1,4 @@
-"""Routing between a light (pruned) and a heavy (full) expert (METHODS.md §2).
+"""Routing between a light (pruned) and a heavy (full) expert (docs/methods.md §2).
 
 * :mod:`~flowprune.route.cascade` -- :class:`Cascade` (two experts) and :class:`EarlyExitCascade`
   (an exit head at any named module of one network, attached by a hook): per-sample dispatch

@@ -1,7 +1,7 @@
 """The signal-compression diagnostic: why the paper does not route by AGF.
 
 The per-sample AGF signal of input ``x`` is ``s(x) = sum_units sum_positions |Y_c(x) * dL(x)/dY_c(x)|``
-over the post-activation outputs ``Y`` of every ReLU/GELU module (METHODS.md §1's ``Y_c``, summed
+over the post-activation outputs ``Y`` of every ReLU/GELU module (docs/methods.md §1's ``Y_c``, summed
 over all units instead of averaged over samples). Its dynamic range over samples is reported as
 ``p99 / p1`` (default, robust) and ``max / min``. The paper reports the range shrinking from about
 149x early in training to about 21x at convergence: the signal compresses, so a threshold on it
