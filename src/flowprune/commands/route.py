@@ -61,20 +61,25 @@ def _router_options(args: argparse.Namespace) -> dict:
     return rk
 
 
-def run(args: argparse.Namespace) -> int:
-    from flowprune.errors import check_fraction, check_positive_int
-    from flowprune.report import format_table
-    from flowprune.route.api import route_experts
-    from flowprune.route.calibrate import check_target
+def route_config(args: argparse.Namespace):
+    """The :class:`~flowprune.route.api.RouteConfig` the arguments ask for (values checked by the library)."""
+    from flowprune.route.api import RouteConfig
     from flowprune.route.routers import get_router
 
-    check_target(args.heavy_budget if args.max_drop is not None or args.heavy_budget is not None else 0.5,
-                 args.max_drop)
-    check_fraction("--tolerance", args.tolerance, low_open=True, high_open=False)
-    check_fraction("--learned-fraction", args.learned_fraction, low_open=True, high_open=True)
-    check_positive_int("--learned-hidden", args.learned_hidden)
     rk = _router_options(args)
+    cfg = RouteConfig.resolve(None, dict(
+        router=args.router, heavy_budget=args.heavy_budget, max_drop=args.max_drop, tolerance=args.tolerance,
+        router_kwargs=rk, measure=not args.no_speed, sweep=not args.no_sweep, diagnostic=not args.no_diagnostic,
+        seed=args.seed, learned_fraction=args.learned_fraction, learned_hidden=args.learned_hidden))
     get_router(args.router, **rk)  # an unknown option or a bad value fails here, before any loading
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from flowprune.report import format_table
+    from flowprune.route.api import route_experts
+
+    cfg = route_config(args)
     check_out_path(args.out)
     light = load_model_arg(args.light, "--light")
     heavy = load_model_arg(args.heavy, "--heavy")
@@ -88,11 +93,7 @@ def run(args: argparse.Namespace) -> int:
     if run.resumed:  # routing has no intermediate checkpoint: it takes seconds, and is redone (same seed)
         print("flowprune: route resumes by redoing the calibration (deterministic for --seed)", file=sys.stderr)
     with run:
-        res = route_experts(light, heavy, data, router=args.router, heavy_budget=args.heavy_budget,
-                            max_drop=args.max_drop, tolerance=args.tolerance, router_kwargs=rk, out_dir=out,
-                            measure=not args.no_speed, sweep=not args.no_sweep, diagnostic=not args.no_diagnostic,
-                            seed=args.seed, learned_fraction=args.learned_fraction,
-                            learned_hidden=args.learned_hidden)
+        res = route_experts(light, heavy, data, cfg, out_dir=out)
     run.finish()
     s = res.summary()
     rows = [{k: (100 * v if k.endswith("_acc") or k in ("heavy_usage",) or k.startswith("random_acc") else v)

@@ -388,6 +388,8 @@ class RouteConfig(ProcedureConfig):
                                  f"{type(self.router_kwargs).__name__}")
         self.target()
         check_fraction("tolerance", self.tolerance, low_open=True, high_open=False)
+        check_fraction("learned_fraction", self.learned_fraction, low_open=True, high_open=True)
+        check_positive_int("learned_hidden", self.learned_hidden)
         check_positive_int("rounds", self.rounds)
         check_positive_int("latency_samples", self.latency_samples)
         return self
