@@ -102,8 +102,9 @@ class MacsModel:
         names = {m: n for n, m in model.named_modules()}
         counted = {m for m, v in layer_macs.items() if v and m in names}
         # the deepest counted modules (Torch-Pruning counts an attention module as a whole)
-        leaf = {names[m]: float(layer_macs[m]) for m in counted
-                if not any(c in counted for c in m.modules() if c is not m)}
+        # in the model's module order, so the float sums below do not depend on set (hash) order
+        leaf = {n: float(layer_macs[m]) for n, m in model.named_modules()
+                if m in counted and names[m] == n and not any(c in counted for c in m.modules() if c is not m)}
         self.sizes = {u.name: int(u.size) for u in units}
         out_of: dict[str, str] = {}
         in_of: dict[str, str] = {}
