@@ -49,7 +49,7 @@ def diff(a_path: str, b_path: str) -> int:
     a, b = json.load(open(a_path)), json.load(open(b_path))
     keys = [k for k in a if k != "flowprune"]
     bad = [k for k in keys if a.get(k) != b.get(k)]
-    print(f"| part | same |\n|---|---|\n" + "\n".join(f"| {k} | {'yes' if k not in bad else 'NO'} |" for k in keys))
+    print("| part | same |\n|---|---|\n" + "\n".join(f"| {k} | {'yes' if k not in bad else 'NO'} |" for k in keys))
     return 1 if bad else 0
 
 
