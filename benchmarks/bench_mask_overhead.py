@@ -249,6 +249,46 @@ def run_procs(name: str, batch: int, rounds: int, per_round: int, procs: int, th
     return r
 
 
+def _median_us(f, reps: int = 300) -> float:
+    for _ in range(20):
+        f()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t)
+    return 1e6 * statistics.median(ts)
+
+
+def micro() -> dict:
+    """The pieces of the mask step on LeNet-300-100's first layer (300x784), medians in microseconds."""
+    from flowprune.pruning.masks import LogitMask
+
+    g = torch.Generator().manual_seed(0)
+    m, w = torch.randn(300, 784, generator=g), torch.randn(300, 784, generator=g)
+    buf, bbuf = torch.empty_like(m), torch.empty(m.shape, dtype=torch.bool)
+    out = {"keep_ge_out_float_us": _median_us(lambda: torch.ge(m, 0, out=buf)),
+           "keep_sign_add_clamp_us": _median_us(lambda: torch.sign(m, out=buf).add_(1).clamp_(max=1)),
+           "keep_ge_bool_us": _median_us(lambda: torch.ge(m, 0, out=bbuf)),
+           "w_times_keep_us": _median_us(lambda: torch.mul(w, buf))}
+    shapes = [(300, 784), (100, 300), (10, 100)]
+    ps = [nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=g)
+    opt = torch.optim.Adam(ps, lr=1e-3, **_fused_kw())
+    opt.step()
+    out["adam_optimizer_step_us"] = _median_us(opt.step)
+    out["adam_step_direct_us"] = _median_us(lambda: adam_step(opt))
+    out["adam_zero_grad_us"] = _median_us(lambda: opt.zero_grad(set_to_none=True))
+    lm = LogitMask((4, 4))
+    wt = torch.randn(4, 4, requires_grad=True)
+    mt = lm.logits.detach()
+    out["tiny_masked_fwd_bwd_us"] = _median_us(lambda: lm(wt).sum().backward(), 1000)
+    out["tiny_plain_fwd_bwd_us"] = _median_us(lambda: (wt * mt).sum().backward(), 1000)
+    out["python_per_masked_layer_us"] = out["tiny_masked_fwd_bwd_us"] - out["tiny_plain_fwd_bwd_us"]
+    return out
+
+
 def _row(r: dict) -> dict:
     return {"model": r["model"], "batch": r["batch"], "malloc": r["malloc"], "steps each": r["steps_each"],
             "dense ms": f"{r['dense_ms']:.2f}", "fused ms": f"{r['fused_ms']:.2f}",
@@ -269,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--malloc", choices=("default", "keep", "both"), default="both")
     ap.add_argument("--models", default="lenet300:128,resnet20:32", help="name:batch pairs, comma-separated")
     ap.add_argument("--out", default="runs/bench_mask_overhead")
+    ap.add_argument("--micro", action="store_true", help="also time the pieces of the mask step (first layer)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -280,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     rows, raw = [], []
     mallocs = ("default", "keep") if args.malloc == "both" else (args.malloc,)
-    for item in args.models.split(","):
+    for item in [m for m in args.models.split(",") if m]:
         name, batch = item.split(":")
         per_round = 10 if name == "lenet300" else 3
         for malloc in mallocs:
@@ -288,6 +329,11 @@ def main(argv: list[str] | None = None) -> int:
             raw.append(r)
             rows.append(_row(r))
             print(f"[{name} malloc={malloc}] done", file=sys.stderr, flush=True)
+    extra = {}
+    torch.set_num_threads(args.threads)  # the pieces are timed in this process
+    if args.micro:
+        extra["micro"] = micro()
+        print("pieces (us, medians): " + ", ".join(f"{k} {v:.1f}" for k, v in extra["micro"].items()))
     title = (f"Mask training overhead, median step time, {args.procs} fresh processes x {args.rounds} interleaved "
              f"rounds ({args.threads} thread(s), torch {torch.__version__}, started {started})")
     print(f"`{cmd}`\n")
@@ -295,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"command": cmd, "started": started, "threads": args.threads,
-                                                  "rows": raw}, indent=1))
+                                                  "rows": raw, **extra}, indent=1))
     print(f"\nsaved {out / 'results.json'}")
     return 0
 

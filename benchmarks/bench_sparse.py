@@ -8,7 +8,8 @@ sparsity, the layer's weight is magnitude-pruned (global |w| threshold on a rand
 dense layer (``F.linear`` / oneDNN convolution) and its CSR form
 (:func:`flowprune.sparse.sparse_layer`: ``torch.sparse.mm`` on MKL, convolutions through im2col,
 1x1 / size-1 kernels without it) are called in interleaved rounds on the same input. Medians of
-``--reps`` (batch <= 16) or ``--reps-large`` calls; speed-up = dense time / sparse time. The crossover is the lowest measured
+``--reps`` (batch <= 16) or ``--reps-large`` calls in each of ``--passes`` sweeps over all points
+(run one after the other, pooled); speed-up = dense time / sparse time. The crossover is the lowest measured
 sparsity from which the sparse form is faster at that and every higher measured sparsity
 ("never" when it is not faster at the highest one). The outputs are checked equal (``allclose``)
 before timing. Writes ``OUT/results.json`` and prints a table with the command and load average.
@@ -58,8 +59,8 @@ def pruned_layer(name: str, sparsity: float, seed: int = 0) -> nn.Module:
     return layer
 
 
-def time_pair(dense: nn.Module, sparse: nn.Module, x: torch.Tensor, reps: int) -> tuple[float, float]:
-    """Medians (seconds) of ``reps`` interleaved calls of each, after two warm-up calls each."""
+def time_pair(dense: nn.Module, sparse: nn.Module, x: torch.Tensor, reps: int) -> tuple[list[float], list[float]]:
+    """Seconds of ``reps`` interleaved calls of each, after two warm-up calls each."""
     td, ts = [], []
     with torch.no_grad():
         for f in (dense, sparse, dense, sparse):
@@ -69,7 +70,7 @@ def time_pair(dense: nn.Module, sparse: nn.Module, x: torch.Tensor, reps: int) -
                 t = time.perf_counter()
                 f(x)
                 acc.append(time.perf_counter() - t)
-    return statistics.median(td), statistics.median(ts)
+    return td, ts
 
 
 def crossover(points: list[tuple[float, float]]) -> str:
@@ -82,21 +83,33 @@ def crossover(points: list[tuple[float, float]]) -> str:
     return "never" if best is None else f"{best:g}"
 
 
-def measure(name: str, batch: int, sparsities, reps: int, reps_large: int) -> list[dict]:
-    rows = []
+def measure(name: str, batch: int, sparsities, reps: int, reps_large: int) -> dict:
+    """``{sparsity: (dense seconds, sparse seconds, nnz)}`` for one pass over the sparsities."""
     shape = LAYERS[name][2]
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, *shape, generator=g)
+    out = {}
     for s in sparsities:
         dense = pruned_layer(name, s)
         sparse = sparse_layer(dense)
         with torch.no_grad():
             if not torch.allclose(sparse(x), dense(x), atol=1e-4, rtol=1e-4):
                 raise AssertionError(f"{name} at sparsity {s}: sparse output differs from dense")
-        n_reps = reps if batch <= 16 else reps_large
-        td, ts = time_pair(dense, sparse, x, n_reps)
-        rows.append({"layer": name, "batch": batch, "sparsity": s, "dense_ms": 1e3 * td, "sparse_ms": 1e3 * ts,
-                     "speedup": td / ts, "reps": n_reps, "nnz": int(sparse.nnz)})
+        td, ts = time_pair(dense, sparse, x, reps if batch <= 16 else reps_large)
+        out[s] = (td, ts, int(sparse.nnz))
+    return out
+
+
+def pooled_points(name: str, batch: int, passes: list[dict]) -> list[dict]:
+    """Medians over the calls of every pass, per sparsity."""
+    rows = []
+    for s in passes[0]:
+        td = [t for p in passes for t in p[s][0]]
+        ts = [t for p in passes for t in p[s][1]]
+        md, msp = statistics.median(td), statistics.median(ts)
+        rows.append({"layer": name, "batch": batch, "sparsity": s, "dense_ms": 1e3 * md, "sparse_ms": 1e3 * msp,
+                     "speedup": md / msp, "calls_each": len(td), "nnz": passes[0][s][2],
+                     "speedup_per_pass": [statistics.median(p[s][0]) / statistics.median(p[s][1]) for p in passes]})
     return rows
 
 
@@ -107,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sparsities", default=",".join(f"{s:g}" for s in SPARSITIES))
     ap.add_argument("--reps", type=int, default=51, help="timed calls of each form per point at batch <= 16")
     ap.add_argument("--reps-large", type=int, default=15, help="timed calls of each form per point at batch > 16")
+    ap.add_argument("--passes", type=int, default=3, help="sweeps over all points, one after the other (pooled)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="runs/bench_sparse")
     args = ap.parse_args(argv)
@@ -123,23 +137,29 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     points: list[dict] = []
     summary: list[dict] = []
+    raw: dict = {}
+    for i in range(args.passes):  # whole sweeps one after the other, so load spikes hit one pass, not one point
+        for n in layers:
+            for b in batches:
+                raw.setdefault((n, b), []).append(measure(n, b, sparsities, args.reps, args.reps_large))
+        load.append(os.getloadavg()[0])
+        print(f"[pass {i + 1}/{args.passes}] done", file=sys.stderr, flush=True)
     for n in layers:
         row = {"layer": n, "shape": LAYERS[n][0]}
         for b in batches:
-            pts = measure(n, b, sparsities, args.reps, args.reps_large)
+            pts = pooled_points(n, b, raw[(n, b)])
             points += pts
             row[f"crossover b{b}"] = crossover([(p["sparsity"], p["speedup"]) for p in pts])
-            row[f"best speed-up b{b}"] = f"{max(p['speedup'] for p in pts):.2f} @ " \
-                                         f"{max(pts, key=lambda p: p['speedup'])['sparsity']:g}"
-            load.append(os.getloadavg()[0])
-            print(f"[{n} b{b}] done", file=sys.stderr, flush=True)
+            best = max(pts, key=lambda p: p["speedup"])
+            row[f"best speed-up b{b}"] = f"{best['speedup']:.2f} @ {best['sparsity']:g}"
         summary.append(row)
     seconds = time.perf_counter() - t0
     print(f"`{cmd}` (started {started}, {args.threads} thread(s), torch {torch.__version__}, load average "
           f"{min(load):.1f}-{max(load):.1f}, {seconds:.0f} s)\n")
     print(format_table(summary, title="Sparsity from which the CSR path beats dense, per layer type"))
     detail = [{"layer": p["layer"], "batch": p["batch"], "sparsity": p["sparsity"], "dense ms": f"{p['dense_ms']:.3f}",
-               "sparse ms": f"{p['sparse_ms']:.3f}", "speed-up": f"{p['speedup']:.2f}"} for p in points]
+               "sparse ms": f"{p['sparse_ms']:.3f}", "speed-up": f"{p['speedup']:.2f}",
+               "per pass": " / ".join(f"{v:.2f}" for v in p["speedup_per_pass"])} for p in points]
     print()
     print(format_table(detail, title="All points (medians, interleaved)"))
     out = Path(args.out)
