@@ -36,8 +36,8 @@ class _StraightThroughMask(torch.autograd.Function):
     """Fused ``w * STE(m >= 0)`` with the pressure gradient folded into the backward.
 
     Forward: ``w * keep`` (``keep = 1[m >= 0]``, written as floats by ``torch.ge(m, 0, out=keep)``:
-    one pass, 26 us for 300x784 on this CPU vs 57 us for ``clamp(sign(m) + 1, max=1)`` and 140 us
-    for a bool result). Backward:
+    one pass, about half the time of ``clamp(sign(m) + 1, max=1)`` and a fraction of a bool result's
+    on x86 CPUs; ``python -m benchmarks.bench_mask_overhead --micro`` times the three). Backward:
     ``dL/dw = g * keep``; ``dL/dm = s * w * g + pressure`` where ``pressure`` is the gradient of the
     pressure term ``P * mean(m)`` with respect to each logit (``P / N``; 0 when no pressure is
     applied this way). One ``addcmul`` computes it, so the pressure term needs no graph node, no
@@ -52,7 +52,7 @@ class _StraightThroughMask(torch.autograd.Function):
     def forward(ctx, w: torch.Tensor, m: torch.Tensor, owner: LogitMask) -> torch.Tensor:  # type: ignore[override]
         m = m.detach()
         keep = owner._keep_buffer(m)
-        torch.ge(m, 0, out=keep)  # 1[m >= 0] written as floats in one pass (a bool result is ~5x slower here)
+        torch.ge(m, 0, out=keep)  # 1[m >= 0] written as floats in one pass (a bool result is slower on CPU)
         if keep.dtype != w.dtype:
             keep = keep.to(w.dtype)
         ctx.save_for_backward(w)
