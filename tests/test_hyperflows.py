@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from flowprune.config import ProcedureConfig
 from flowprune.errors import FlowpruneError
 from flowprune.models import build_model
 from flowprune.pruning.hyperflows import HyperflowsConfig, hyperflows_prune, pressure_sweep
@@ -220,6 +221,25 @@ def test_missed_target_is_reported_and_correction_is_finetuned(lenet_digits, dig
     assert c["finetune_steps"] == 3 and c["accuracy_before"] is not None and "accuracy_after_flip" in c
     assert c["accuracy_after"] == r["accuracy"]
     assert abs(r["sparsity"] - 0.8) < 1e-3
+    # the result object: models as attributes, a JSON-safe record, the old dict reading
+    assert r.model is r["model"] and r.masked_model is r["masked_model"] and "masked_model" in r
+    rec = r.to_dict()
+    assert "model" not in rec and "masked_model" not in rec and rec["sparsity"] == r["sparsity"]
+    json.dumps(rec)
+
+
+def test_config_dict_and_unknown_override_raise_before_work(lenet_digits):
+    with pytest.raises(FlowpruneError, match="unknown option 'prune_epoch'"):
+        hyperflows_prune(lenet_digits, None, prune_epoch=3)  # typo of prune_epochs
+    with pytest.raises(FlowpruneError, match="unknown config key 'bogus'"):
+        hyperflows_prune(lenet_digits, None, {"bogus": 1})
+    with pytest.raises(FlowpruneError, match="target_sparsity"):
+        hyperflows_prune(lenet_digits, None, {"target_sparsity": 1.5})
+    with pytest.raises(FlowpruneError, match="DataSplits"):  # a valid dict config gets past validation
+        hyperflows_prune(lenet_digits, None, {"target_sparsity": 0.9}, seed=2)
+    assert isinstance(HyperflowsConfig(), ProcedureConfig)
+    cfg = HyperflowsConfig.resolve({"target_sparsity": 0.95}, {"seed": 3})
+    assert (cfg.target_sparsity, cfg.seed) == (0.95, 3)
 
 
 def test_target_beyond_maskable_share_and_foreign_law(lenet_digits, digits_data):
