@@ -151,7 +151,7 @@ def speed(models: dict, shape, rounds: int) -> dict:
 
 
 def bench_model(name: str, dataset: str, seed: int, opts: dict, rounds: int, tag: str = "",
-                configs: tuple[str, ...] = CONFIGS) -> dict:
+                configs: tuple[str, ...] = CONFIGS, with_agf: bool = True) -> dict:
     """Run ``configs`` (and the runs they start from) for one seed; time all models; write summary.json."""
     data = load_dataset(dataset, seed=seed)
     dense = dense_model(name, data, seed).eval()
@@ -170,8 +170,10 @@ def bench_model(name: str, dataset: str, seed: int, opts: dict, rounds: int, tag
     best = max(both, key=lambda k: res[k].final["macs_reduction"])
     first = {"s1+2": "s1", "s2+1": "s2"}
     spent = recovery_batches(res[best], opts) + (recovery_batches(res[first[best]], opts) if best in first else 0)
-    agf, agf_info = agf_baseline(dense, data, seed, res[best].final["macs_reduction"], spent, out, opts)
-    models = {"dense": dense, **{k: r.model for k, r in res.items()}, "agf": agf}
+    models = {"dense": dense, **{k: r.model for k, r in res.items()}}
+    agf_info = {}
+    if with_agf:
+        models["agf"], agf_info = agf_baseline(dense, data, seed, res[best].final["macs_reduction"], spent, out, opts)
     sp = speed(models, data.input_shape, rounds)
     test = make_loader(data.test, 512)
     dmacs, dparams = count_macs_params(dense, data.input_shape)
@@ -255,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", action="store_true", help="only pool the finished seeds into the report")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS,
                    help="which IDAP runs (s1+2 also runs s1, s2+1 also runs s2; finished ones resume at once)")
+    p.add_argument("--no-agf", action="store_true", help="skip the AGF baseline")
     p.add_argument("--tag", default="", help="suffix of the output folders (a variant of the settings)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="override an idap option (recover_batches=6)")
     args = p.parse_args(argv)
@@ -273,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.dense_only:
                 dense_model(n, load_dataset(dataset, seed=s), s)
             else:
-                summ = bench_model(n, dataset, s, opts, args.rounds, args.tag, tuple(args.configs))
+                summ = bench_model(n, dataset, s, opts, args.rounds, args.tag, tuple(args.configs),
+                                   not args.no_agf)
                 print(format_table(summ["rows"], COLS, title=f"{n} seed {s}"), flush=True)
     return 0
 
