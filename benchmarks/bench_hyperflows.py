@@ -272,6 +272,11 @@ def part_m(seeds, targets, pe, re_, max_batches, sweep_gammas, sweep_epochs, sav
             print(f"  {tgt}: HF {rec['hf_acc_final']:.4f} (sched {rec['hf_sched_sparsity']:.4f}, acc there "
                   f"{rec['hf_acc_sched']:.4f}, {rec['t_hf']:.0f}s) GMP {rec['gmp']:.4f} ({rec['t_gmp']:.0f}s) "
                   f"one-shot {rec['oneshot']:.4f} ({rec['t_oneshot']:.0f}s)", file=sys.stderr, flush=True)
+    return m_rows(raw, targets), raw, law_out
+
+
+def m_rows(raw: list[dict], targets) -> list[dict]:
+    """Part M's table rows (mean ± std over the seeds in ``raw``) for ``targets``."""
     rows = []
     for tgt in targets:
         rs = [r for r in raw if r["target"] == tgt]
@@ -282,7 +287,28 @@ def part_m(seeds, targets, pe, re_, max_batches, sweep_gammas, sweep_epochs, sav
                      "HF acc % at scheduler end": " / ".join(f"{100 * r['hf_acc_sched']:.1f}" for r in rs),
                      "HF flipped (FT steps)": " / ".join(f"{r['hf_flipped']} ({r['hf_ft_steps']})" for r in rs),
                      "seeds": len(rs)})
-    return rows, raw, law_out
+    return rows
+
+
+def merge_m(files: list[str], out: Path) -> str:
+    """Pool the part-M runs of several results files (e.g. seeds run separately) into one table."""
+    import json as _json
+
+    raw, sources = [], []
+    for f in files:
+        m = _json.loads(Path(f).read_text())["M"]
+        raw += m["runs"]
+        sources.append({"file": f, "model": m.get("model", "resnet20"), "seeds": sorted({r["seed"] for r in m["runs"]}),
+                        "prune_epochs": m["prune_epochs"], "regrow_epochs": m["regrow_epochs"],
+                        "batches_per_epoch": m["batches_per_epoch"]})
+    if len({(s_["model"], s_["prune_epochs"], s_["regrow_epochs"], s_["batches_per_epoch"]) for s_ in sources}) != 1:
+        raise SystemExit(f"--merge-m: the files differ in model or budget: {sources}")
+    targets = sorted({r["target"] for r in raw})
+    rows = m_rows(raw, targets)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results_M_merged.json").write_text(_json.dumps({"sources": sources, "runs": raw, "rows": rows}, indent=1))
+    return format_table(rows, title=f"M merged: {sources[0]['model']}, seeds "
+                        f"{sorted({r['seed'] for r in raw})} from {', '.join(files)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,7 +328,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--m-sweep-epochs", type=int, default=3)
     ap.add_argument("--m-law", default=None, help="part M: reuse the law of an earlier results_M.json (no sweep)")
     ap.add_argument("--out", default="runs/bench_hyperflows", help="results.json goes to OUT/results_<parts>.json")
+    ap.add_argument("--merge-m", default=None, help="pool the part-M runs of these comma-separated results_M.json "
+                    "files into OUT/results_M_merged.json and print the table (nothing is trained)")
     args = ap.parse_args(argv)
+    if args.merge_m:
+        print(merge_m([f for f in args.merge_m.split(",") if f], Path(args.out)))
+        print(f"\nsaved {Path(args.out) / 'results_M_merged.json'}")
+        return 0
     parts = {p.strip().upper() for p in args.parts.split(",")} | ({"R"} if args.resnet else set())
     torch.set_num_threads(args.threads)
     cmd = "python -m benchmarks.bench_hyperflows" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
