@@ -30,6 +30,7 @@ from torch.nn.utils import parametrize
 from flowprune.errors import FlowpruneError
 
 MASKABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 
 
 class _StraightThroughMask(torch.autograd.Function):
@@ -108,7 +109,7 @@ class LogitMask(nn.Module):
         trimmed heap). While a graph still holds it (two forwards before one backward, or a graph
         kept with ``retain_graph``), a new buffer is taken instead.
         """
-        if type(m) is not torch.Tensor or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        if type(m) is not torch.Tensor or _compiling() or torch.jit.is_tracing():
             return torch.empty_like(m)  # tracing / export / fake or wrapped tensors: no state kept
         b = self._keep
         # 3 references when only this module holds it: ``self._keep``, ``b`` and getrefcount's argument
