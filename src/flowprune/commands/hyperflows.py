@@ -85,13 +85,11 @@ def _parse_gammas(text: str) -> list[float]:
 
 def _model(args: argparse.Namespace, data, *, train: bool = True):
     """The dense model: loaded from --checkpoint, or (train=True) trained from --model into OUT/dense."""
-    from flowprune.commands._common import load_model_arg
+    from flowprune.commands._common import check_model_name, load_model_arg
 
     if args.checkpoint is not None:
         model = load_model_arg(args.checkpoint)
-        base = getattr(model, "flowprune_base", {}) or {}
-        if args.model is not None and base.get("name") != args.model:
-            raise FlowpruneError(f"--model {args.model!r} does not match the checkpoint's model {base.get('name')!r}")
+        check_model_name(args, model)
         check_data_fits_model(model, data, "--checkpoint model")
         return model
     if args.model is None:
