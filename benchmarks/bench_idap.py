@@ -196,7 +196,8 @@ def bench_model(name: str, dataset: str, seed: int, opts: dict, rounds: int, tag
                      "b1 ms": sp[tag]["b1_ms"], "b256 img/s": sp[tag]["b256_per_s"], "minutes": secs / 60,
                      "stop": r.stop_reason[:80] if r is not None else ("" if tag == "dense" else
                              f"agf to {agf_info['target_macs']:.2f}x + {agf_info['finetune_batches']} batches")})
-    summary = {"rows": rows, "speed": sp, "opts": opts, "agf": agf_info, "agf_matches": best,
+    summary = {"rows": rows, "speed": sp, "opts": opts, "agf": agf_info,
+               "agf_matches": [k for k, r in res.items() if agf_info and abs(r.final["macs_reduction"] - agf_info["target_macs"]) < 1e-9],
                "decisions": {k: r.steps for k, r in res.items()}, "date": str(_dt.date.today())}
     write_results(out / "summary.json", summary)
     return summary
@@ -222,11 +223,11 @@ def report(name: str, dataset: str, seeds: list[int], budget_pts: float, tag: st
             sums[s] = json.loads(f.read_text())
     rows = [r for s in sums.values() for r in s["rows"]]
     agg = []
-    for tag in ("dense", *CONFIGS, "agf"):
-        rr = [r for r in rows if r["config"] == tag]
+    for conf in ("dense", *CONFIGS, "agf"):
+        rr = [r for r in rows if r["config"] == conf]
         if not rr:
             continue
-        agg.append({"config": tag, "seeds": len(rr), **{k: _ms([r[k] for r in rr]) for k in
+        agg.append({"config": conf, "seeds": len(rr), **{k: _ms([r[k] for r in rr]) for k in
                     ("test %", "test drop pts", "val drop pts", "MACs x", "params x", "blocks removed",
                      "b1 speedup", "b256 speedup", "minutes")},
                     "test drop > budget": f"{sum(r['test drop pts'] > budget_pts + 1e-9 for r in rr)}/{len(rr)}"})
