@@ -138,7 +138,7 @@ def test_resume_keeps_the_wall_time(trained_resnet20_digits, digits_data, tmp_pa
     again = idap(trained_resnet20_digits, digits_data, checkpoint_dir=tmp_path / "ck", **kw)
     assert again.seconds >= res.seconds * 0.99 and len(again.steps) == len(res.steps)
     with pytest.raises(FlowpruneError, match="other settings"):
-        idap(trained_resnet20_digits, digits_data, checkpoint_dir=tmp_path / "ck", **{**kw, "confidence_z": 1.0})
+        idap(trained_resnet20_digits, digits_data, checkpoint_dir=tmp_path / "ck", **{**kw, "confidence_z": 2.0})
 
 
 def test_mnist5k_split_sizes():

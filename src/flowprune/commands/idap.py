@@ -52,8 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val-split", choices=("split", "shared"), default="split",
                    help="split (default): recovery early stop on one half of the validation split, accepting a "
                         "step on the other; shared: both on the whole split (overfits the budget)")
-    g.add_argument("--confidence-z", type=float, default=0.0,
-                   help="accept only when drop + z * (paired standard error) <= --max-drop (default 0)")
+    g.add_argument("--confidence-z", type=float, default=1.0,
+                   help="accept only when drop + z * (paired standard error) <= --max-drop (default 1; 0 = the plain drop)")
     g.add_argument("--no-track-test", action="store_true",
                    help="do not measure the test accuracy next to every decision")
     s = p.add_argument_group("schedule and recovery")

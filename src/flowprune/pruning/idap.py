@@ -21,7 +21,7 @@ the validation split is divided, stratified, into a *stop* half and an *accept* 
 recovery's early stop (and the "does this cut need recovery" check) look only at the stop half;
 every accept/reject decision looks only at the accept half, so a decision is not made on the
 images that tuned the model for it (``val_split="shared"``: both on the whole split, the
-behaviour before issue 11, which overfitted the budget). ``confidence_z`` > 0 tightens the
+behaviour before issue 11, which overfitted the budget). ``confidence_z`` (default 1) tightens the
 accuracy check to a one-sided paired bound: ``drop + z * se <= max_drop`` with ``se`` the
 standard error of the paired (dense vs pruned, same images) accuracy difference. With
 ``track_test`` every decision also records the *test* accuracy and drop (never used to decide).
@@ -317,7 +317,7 @@ class IdapConfig(ProcedureConfig):
     max_output_error: float | None = None
     target_macs: float | None = None
     target_params: float | None = None
-    confidence_z: float = 0.0
+    confidence_z: float = 1.0
     val_split: str = "split"
     track_test: bool = True
     p0: float = 0.05
