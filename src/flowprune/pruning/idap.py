@@ -665,21 +665,22 @@ class _Run:
 
     def stage1_try(self, model: nn.Module, t: int, retry: int, frac: float):
         """One cut of ``frac`` + recovery; returns ``(candidate, history entry, stats)``, or a stop reason."""
-        from flowprune.plan import plan_cuts
-        from flowprune.pruning.structural import apply_cuts
+        from flowprune.step import plan_and_cut
 
         cfg, example = self.cfg, self.calib[0][0][:1]
         units, scores = self.scores(model)
         if not units:
             return "no prunable unit left"
-        cuts = plan_cuts(model, units, scores, example_inputs=example, ratio=frac, budget="global",
-                         min_width=cfg.min_width, round_to=cfg.round_to, normalize=cfg.normalize)
-        cuts = {k: v for k, v in cuts.items() if len(v) > 0}
+        # the one cut step (flowprune.step); no mean compensation: IDAP++ recovers by distillation
+        step = plan_and_cut(model, units, scores, self.calib, example=example, compensate=False, ratio=frac,
+                            budget="global", min_width=cfg.min_width, round_to=cfg.round_to,
+                            normalize=cfg.normalize)
+        cuts = {k: v for k, v in step.plan.items() if len(v) > 0}
         if not cuts:
             return ("nothing left to prune (every unit at min_width)" if retry == 0 else
                     f"budget violated at step {t}; retry {retry} (fraction {frac:.4f}) cuts nothing; "
                     "rolled back to the previous model")
-        cand = apply_cuts(model, cuts, example_inputs=example)
+        cand = step.model
         reestimate_bn(cand, self.calib)
         rec = {"epochs": 0}
         if not self.stop_meter.quality(cand)["within"]:  # early stop at epoch 0: no recovery needed
