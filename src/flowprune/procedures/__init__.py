@@ -19,9 +19,6 @@ Every module in this package is imported on package import, so a file in it that
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
 from flowprune.procedures.base import (
     CutContext,
     Pruned,
@@ -31,10 +28,9 @@ from flowprune.procedures.base import (
     register_family,
     register_procedure,
 )
+from flowprune.registry import import_submodules
 
-for _info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-    if _info.name != "base" and not _info.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_info.name}")
+import_submodules(__name__, __path__)  # every file in this folder registers itself
 
 __all__ = ["CutContext", "Pruned", "PruningProcedure", "get_procedure", "list_procedures", "register_family",
            "register_procedure"]

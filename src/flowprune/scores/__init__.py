@@ -12,13 +12,9 @@ and :meth:`Score.as_tp_importance` for use inside Torch-Pruning's own pruners.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
+from flowprune.registry import import_submodules
 from flowprune.scores.base import Score, get_score, list_scores, register_score
 
-for _info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-    if _info.name != "base" and not _info.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_info.name}")
+import_submodules(__name__, __path__)  # every file in this folder registers itself
 
 __all__ = ["Score", "get_score", "list_scores", "register_score"]

@@ -48,9 +48,7 @@ so it is deterministic for a given seed and call sequence (``reset()`` rewinds i
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
+from flowprune.registry import import_submodules
 from flowprune.route.routers.base import (
     FIT_ON,
     INHERITABLE,
@@ -66,9 +64,7 @@ from flowprune.route.routers.base import (
     router_class,
 )
 
-for _info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-    if _info.name != "base" and not _info.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_info.name}")
+import_submodules(__name__, __path__)  # every file in this folder registers itself
 
 from flowprune.route.routers.confidence import ConfidenceRouter  # noqa: E402
 from flowprune.route.routers.entropy import EntropyRouter  # noqa: E402
