@@ -212,9 +212,9 @@ def auto_mask_lr(pruning_steps: int) -> float:
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    from flowprune.runstate import atomic_torch_save
+
+    atomic_torch_save(obj, path)
 
 
 @torch.no_grad()
