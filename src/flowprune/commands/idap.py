@@ -8,10 +8,8 @@ import sys
 from flowprune.commands._common import (
     Timer,
     add_data_arguments,
-    check_data_fits_model,
     check_out_path,
-    load_data,
-    load_model_arg,
+    load_checkpoint_and_data,
     open_run,
     setup_parser,
 )
@@ -83,12 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
     stages = parse_stages(args.stages)
     check_out_path(args.out)
-    model = load_model_arg(args.checkpoint)
-    if args.model is not None and model.flowprune_base.get("name") != args.model:
-        raise FlowpruneError(f"--model {args.model!r} does not match the checkpoint's model "
-                             f"{model.flowprune_base.get('name')!r}")
-    data = load_data(args)
-    check_data_fits_model(model, data)
+    model, data = load_checkpoint_and_data(args)
     run = open_run(args, inputs=(("--checkpoint", args.checkpoint),))
     if run.finished:
         return 0
