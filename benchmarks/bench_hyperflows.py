@@ -118,11 +118,11 @@ def part_b(data, gammas, epochs, seed=0):
 
 def part_c(rounds: int):
     """Mask overhead via :mod:`benchmarks.bench_mask_overhead` (dense vs fused vs legacy, interleaved)."""
-    from benchmarks.bench_mask_overhead import measure
+    from benchmarks.bench_mask_overhead import run_procs
 
     rows = []
     for name, batch in (("lenet300", 128), ("resnet20", 32)):
-        r = measure(name, batch, rounds, 10 if name == "lenet300" else 3)
+        r = run_procs(name, batch, rounds, 10 if name == "lenet300" else 3, procs=1, threads=1, malloc="default")
         rows.append({"model": name, "batch": batch, "dense step ms": f"{r['dense_ms']:.1f}",
                      "masked step ms": f"{r['fused_ms']:.1f}", "overhead x": f"{r['fused_overhead']:.2f}",
                      "legacy overhead x": f"{r['legacy_overhead']:.2f}", "params MB": f"{r['params_mb']:.2f}",
