@@ -162,3 +162,32 @@ def test_every_procedure_has_one_shape(name):
     assert issubclass(cfg_cls, fp.ProcedureConfig)
     with pytest.raises(fp.FlowpruneError, match="unknown option 'no_such_field'"):
         cfg_cls.resolve(None, {"no_such_field": 1})
+
+
+def test_benchmarks_import_only_names_that_exist():
+    """``make bench`` runs the benchmarks; a name one imports from another (or from flowprune) must exist,
+    function-local imports included (a renamed helper broke bench_hyperflows once)."""
+    import sys
+
+    root = SRC.parents[1]
+    sys.path.insert(0, str(root))
+    try:
+        missing = []
+        for path in sorted((root / "benchmarks").glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
+                        and node.module.split(".")[0] in ("benchmarks", "flowprune"):
+                    mod = importlib.import_module(node.module)
+                    missing += [f"{path.name}: {node.module}.{a.name}" for a in node.names
+                                if not hasattr(mod, a.name) and not _is_submodule(node.module, a.name)]
+        assert not missing
+    finally:
+        sys.path.remove(str(root))
+
+
+def _is_submodule(package: str, name: str) -> bool:
+    try:
+        importlib.import_module(f"{package}.{name}")
+        return True
+    except ImportError:
+        return False
