@@ -366,9 +366,8 @@ class IdapConfig(ProcedureConfig):
         for name in ("T", "recover_epochs", "calib_batches", "calib_batch_size"):
             check_positive_int(name, getattr(self, name))
         check_positive_int("max_steps", self.steps)
-        for name in ("recover_batches",):
-            if getattr(self, name) is not None:
-                check_positive_int(name, getattr(self, name))
+        if self.recover_batches is not None:
+            check_positive_int("recover_batches", self.recover_batches)
         for name in ("max_retries", "final_epochs", "num_taps", "seed"):
             _check_int(name, getattr(self, name))
         _check_int("min_width", self.min_width, 1)
@@ -773,7 +772,7 @@ class _Run:
         step = {"stage": 2, "step": i, "block": b.name, "kind": b.kind, "divergence": b.divergence,
                 "recovered": bool(recovered)}
         if stats["within"]:
-            current = self.meter.measure(cand)
+            current = stats | _sizes(self.meter, cand)  # = self.meter.measure(cand), without a second pass
             step.update(accepted=True, **_public(current), **self.test_stats(cand))
             model = cand
             state["removed"].append(b.name)
