@@ -56,7 +56,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flowprune.config import ProcedureConfig, ProcedureResult
+from flowprune.config import ProcedureConfig, ProcedureResult, ReadsAsDict
 from flowprune.data import DataSplits, make_loader
 from flowprune.errors import FlowpruneError, bad_choice, check_positive_int
 from flowprune.measure import accuracy, count_macs_params, latency, throughput
@@ -232,7 +232,7 @@ class CompareConfig(ProcedureConfig):
 
 
 @dataclass
-class CompareResult(ProcedureResult):
+class CompareResult(ProcedureResult, ReadsAsDict):
     """What :func:`compare` returns; also readable as a dict (``res["summary"]``) as before."""
 
     config: dict
@@ -247,18 +247,13 @@ class CompareResult(ProcedureResult):
     model: None = None
 
     def __getitem__(self, key: str):
-        if key == "model" or key not in self.__dataclass_fields__:
+        if key not in self.keys():
             raise KeyError(key)
         return getattr(self, key)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.__dataclass_fields__ and key != "model"
 
     def keys(self) -> list[str]:
         return [k for k in self.__dataclass_fields__ if k != "model"]
 
-    def get(self, key: str, default=None):
-        return self[key] if key in self else default
 
 # ----------------------------------------------------------------------------------------------
 # overlap, re-initialisation, statistics
@@ -611,8 +606,7 @@ class _CompareRun:
         result = CompareResult(config=self.record, dense=self.dense_info, runs=runs, summary=summary,
                                jaccard=jac_rows, scratch=scratch_summary, scratch_runs=scratch_rows, table=table)
         if self.out is not None:
-            write_results(self.out / "results.json", {"config": self.record, "torch_threads": result.torch_threads,
-                                                      **{k: result[k] for k in result.keys() if k != "config"}})
+            write_results(self.out / "results.json", {k: result[k] for k in result.keys()})
             (self.out / "compare.md").write_text(table + "\n")
         return result
 

@@ -117,8 +117,25 @@ def jsonable(value: Any) -> Any:
     return type(value).__name__
 
 
+class ReadsAsDict:
+    """``res[key]``, ``key in res``, ``res.get(key)`` and ``res.keys()`` for results that earlier
+    versions returned as dicts. A subclass defines :meth:`keys` and ``__getitem__``."""
+
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def __getitem__(self, key: str):
+        raise NotImplementedError
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys()
+
+    def get(self, key: str, default=None):
+        return self[key] if key in self else default
+
+
 @dataclasses.dataclass
-class RecordResult(ProcedureResult):
+class RecordResult(ProcedureResult, ReadsAsDict):
     """A result whose summary is one flat record (``results.json``): ``.model``, ``.record``.
 
     Also readable as the dict earlier versions returned: ``res["accuracy"]``, ``res["model"]``,
@@ -134,11 +151,5 @@ class RecordResult(ProcedureResult):
     def __getitem__(self, key: str):
         return self.model if key == "model" else self.record[key]
 
-    def __contains__(self, key: object) -> bool:
-        return key == "model" or key in self.record
-
     def keys(self) -> list[str]:
         return [*self.record, "model"]
-
-    def get(self, key: str, default=None):
-        return self[key] if key in self else default

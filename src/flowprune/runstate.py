@@ -7,7 +7,8 @@ any point loses at most the step in flight. :meth:`RunState.load` returns the la
 or ``None`` for a fresh directory, and refuses a directory written by a run with other settings
 (the error names the file and the fix). Under torchrun only rank 0 writes.
 
-Atomic writers for JSON and ``torch.save`` files are here too, so no module writes its own.
+``state.json`` is written by :func:`flowprune.report.write_results` (atomic, NaN-safe); the atomic
+``torch.save`` writer the training loops use is here too.
 """
 
 from __future__ import annotations
@@ -19,15 +20,7 @@ from typing import Any
 
 from flowprune.config import jsonable
 from flowprune.errors import FlowpruneError
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as JSON to ``path`` through a temporary file and an atomic rename."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(jsonable(obj), indent=1))
-    os.replace(tmp, path)
-    return path
+from flowprune.report.results import write_results
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
@@ -76,7 +69,7 @@ class RunState:
             from flowprune import io
 
             io.save(model, self.dir / model_name, metadata=metadata or {"method": self.procedure, "checkpoint": True})
-        atomic_write_json(self.file, {**state, "config": self.config})
+        write_results(self.file, {**jsonable(state), "config": self.config})
 
     def load_model(self, model_name: str = "model"):
         """The model saved under ``model_name`` (flowprune.io format; no code runs from the file)."""

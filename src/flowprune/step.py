@@ -1,10 +1,10 @@
-"""The one cut step every procedure takes: plan -> compensate -> cut, and the reachability check.
+"""The one cut step every procedure takes: plan -> compensate -> cut.
 
 ``prune`` (every step of its schedule), ``compare`` (every flowprune method) and ``idap`` (every
 stage-1 step) call :func:`plan_and_cut` with scores they computed; BatchNorm re-estimation
 (:func:`flowprune.train.reestimate_bn`) follows it where the procedure wants it, after it has
-measured the accuracy of the bare cut. :func:`check_reachable` is the one check that a MACs
-target can be met at all, run before any scoring.
+measured the accuracy of the bare cut. The one check that a MACs target can be met at all,
+run before any scoring, is :func:`flowprune.plan.check_reachable`.
 
 Layering: this module sits above :mod:`flowprune.plan`, :mod:`flowprune.cut` and
 :mod:`flowprune.compensate`, and below the procedures (:mod:`flowprune.pruning`, :mod:`flowprune.compare`).
@@ -61,6 +61,3 @@ def plan_and_cut(model: nn.Module, units, scores: dict, calib: Sequence[tuple[to
         cut = apply_cuts(model, plan, example_inputs=example)
     return CutStep(model=cut, plan=plan, compensated=compensated)
 
-
-# the one reachability check of a MACs target lives beside the planner it mirrors
-from flowprune.plan import check_reachable  # noqa: E402,F401

@@ -40,6 +40,7 @@ from flowprune.data import DataSplits, TensorBatchLoader, make_loader
 from flowprune.device import autocast, check_amp, default_amp, resolve_device
 from flowprune.errors import FlowpruneError, bad_choice, check_fraction, check_positive_int
 from flowprune.measure import accuracy
+from flowprune.runstate import atomic_torch_save
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
@@ -84,12 +85,6 @@ def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.op
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def _save_atomic(obj: dict, path: Path) -> None:
-    from flowprune.runstate import atomic_torch_save
-
-    atomic_torch_save(obj, path)
 
 
 ExtraLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -284,7 +279,7 @@ def _run_epochs(model, loader, cfg, opt, sched, history, start_epoch, steps_per_
                      "config": asdict(cfg)}
             if scaler is not None:
                 state["scaler"] = scaler.state_dict()
-            _save_atomic(state, ckpt_path)
+            atomic_torch_save(state, ckpt_path)
         if stop:
             history["stopped_early"] = True
             break

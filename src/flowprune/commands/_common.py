@@ -390,10 +390,9 @@ def check_data_fits_model(model, data: DataSplits, what: str = "model") -> None:
         raise FlowpruneError(f"{what} has {nc} classes but data set {data.name!r} has {data.num_classes} labels")
 
 
-def add_checkpoint_arguments(p: argparse.ArgumentParser, *, required: bool = True,
-                             flag: str = "--checkpoint") -> None:
+def add_checkpoint_arguments(p: argparse.ArgumentParser) -> None:
     """The shared model input of a command: ``--checkpoint DIR`` and an optional ``--model`` name check."""
-    p.add_argument(flag, required=required, default=None,
+    p.add_argument("--checkpoint", required=True,
                    help="directory written by `flowprune train --out DIR` (or another flowprune command)")
     p.add_argument("--model", default=None, help="zoo name, checked against the checkpoint (optional)")
 
@@ -405,10 +404,10 @@ def check_model_name(args: argparse.Namespace, model, what: str = "the checkpoin
         raise FlowpruneError(f"--model {args.model!r} does not match {what} {name!r}")
 
 
-def load_checkpoint_and_data(args: argparse.Namespace, *, flag: str = "--checkpoint", path: str | None = None):
+def load_checkpoint_and_data(args: argparse.Namespace):
     """The shared first step of a command: load the model (``--checkpoint``), check ``--model``,
     load the data and check that it fits the model. Returns ``(model, data)``."""
-    model = load_model_arg(path if path is not None else getattr(args, flag.lstrip("-").replace("-", "_")), flag)
+    model = load_model_arg(args.checkpoint)
     check_model_name(args, model)
     data = load_data(args)
     check_data_fits_model(model, data, "the checkpoint's model")

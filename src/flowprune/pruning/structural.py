@@ -43,8 +43,6 @@ from flowprune.cut import _example, apply_cuts, cut_heads  # noqa: E402,F401 -- 
 DEFAULT_BUDGET = "global"
 DEFAULT_NORMALIZE = "unit"
 DEFAULT_COMPENSATE = True
-# run options of :func:`prune`: how a run happens, not what it computes (not in PruneConfig)
-RUN_OPTIONS = ("checkpoint_dir", "progress", "on_step", "device", "amp")
 
 
 @dataclass
@@ -103,9 +101,15 @@ class PruneConfig(ProcedureConfig):
                 raise FlowpruneError(f"{nm} must be an integer >= 0, got {v!r}")
         return self
 
+    def effective_finetune_config(self):
+        """The fine-tuning recipe: ``finetune_config``, or SGD at lr 0.01 seeded by ``seed``."""
+        from flowprune.train import TrainConfig
+
+        return self.finetune_config or TrainConfig(lr=0.01, seed=self.seed)
+
     def record(self) -> dict:
         """The JSON record of this config (``PruneResult.config``; a resumed run must match it)."""
-        ft = self.finetune_config
+        ft = self.effective_finetune_config()
         return {"method": self.method, "target_macs": self.target_macs, "ratio": self.ratio, "steps": self.steps,
                 "schedule": self.schedule, "budget": self.budget, "calib_batches": self.calib_batches,
                 "calib_batch_size": self.calib_batch_size, "finetune_epochs": self.finetune_epochs,
@@ -222,8 +226,8 @@ def prune(model: nn.Module, data, config: PruneConfig | dict | str | None = None
     cfg = PruneConfig.resolve(config, overrides)
     if not isinstance(model, nn.Module):
         raise FlowpruneError(f"model must be a torch nn.Module, got {type(model).__name__}")
-    run = _PruneRun(model, data, cfg, device=device, amp=amp, checkpoint_dir=checkpoint_dir)
-    return run.execute(progress=progress, on_step=on_step)
+    run = _PruneRun(model, data, cfg, device=device, amp=amp, checkpoint_dir=checkpoint_dir, progress=progress)
+    return run.execute(on_step=on_step)
 
 
 def resolve_steps(steps: int | str, target: float | None) -> int:
@@ -240,12 +244,12 @@ def resolve_steps(steps: int | str, target: float | None) -> int:
 class _PruneRun:
     """One run of :func:`prune`: the working copy, the dense reference and the checkpoint."""
 
-    def __init__(self, model: nn.Module, data, cfg: PruneConfig, *, device, amp, checkpoint_dir):
+    def __init__(self, model: nn.Module, data, cfg: PruneConfig, *, device, amp, checkpoint_dir, progress):
         from flowprune.data import DataSplits
         from flowprune.device import check_amp, default_amp, resolve_device
         from flowprune.scores import get_score
 
-        self.cfg = cfg
+        self.cfg, self.progress = cfg, progress
         self.scorer = get_score(cfg.method, **(cfg.score_options or {}))
         self.dev = resolve_device(device, model)
         self.amp = check_amp(default_amp() if amp is None else amp, self.dev)
@@ -261,9 +265,7 @@ class _PruneRun:
         self.work = copy.deepcopy(model).to(self.dev)
         self._check_units()
         self.eval_loader = _eval_loader(data) if cfg.measure else None
-        from flowprune.train import TrainConfig
-
-        self.ft_cfg = cfg.finetune_config or TrainConfig(lr=0.01, seed=cfg.seed)
+        self.ft_cfg = cfg.effective_finetune_config()
         self.state = None
         if checkpoint_dir is not None:
             from flowprune.runstate import RunState
@@ -300,13 +302,12 @@ class _PruneRun:
             log.info("resuming prune from step %d of %d", start, self.cfg.steps)
         return start, saved["history"]
 
-    def execute(self, *, progress, on_step) -> PruneResult:
+    def execute(self, *, on_step) -> PruneResult:
         from flowprune.measure import count_macs_params
 
         start, history = self._resume()
-        self.progress = progress
         bar = None
-        if progress:
+        if self.progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.cfg.steps, initial=start, desc=f"prune {self.cfg.method}")
