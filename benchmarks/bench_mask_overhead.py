@@ -16,7 +16,7 @@ and which variant is hit depends on the heap layout). The setting applies to all
 * **dense**: ``net(x)`` -> cross-entropy -> backward -> SGD (Nesterov, momentum 0.9, wd 5e-4).
 * **fused** (what :func:`flowprune.pruning.hyperflows.hyperflows_prune` runs now): the weights go
   through :class:`flowprune.pruning.masks.LogitMask`, whose single autograd Function computes
-  ``w * 1[m >= 0]`` (float mask by ``sign``) and in the backward ``g * mask`` and
+  ``w * 1[m >= 0]`` (float mask by ``torch.ge(m, 0, out=buffer)``) and in the backward ``g * mask`` and
   ``s * w * g + P/N`` (the pressure gradient folded in with one ``addcmul``); the same SGD for
   the weights plus fused Adam for the logits, stepped as the trainer does
   (:func:`flowprune.pruning.hyperflows.adam_step`: the fused kernel without the optimizer's
@@ -27,9 +27,9 @@ and which variant is hit depends on the heap layout). The setting applies to all
 * **legacy** (the implementation before issue 10, kept here for the comparison): bool mask
   ``(m >= 0).to(dtype)``, the pressure as a ``P * mean(m)`` term in the loss, for-loop Adam.
 
-The same SGD implementation (torch's default) is used for the weights in all three, so the ratio
+The same SGD implementation (torch's default) is used for the weights in all four, so the ratio
 measures the masks only. The ratio of the fastest steps is printed too: on a loaded machine the
-medians include waiting for memory bandwidth that other jobs take, which stretches all three. Writes ``OUT/results.json`` and prints a table and the command.
+medians include waiting for memory bandwidth that other jobs take, which stretches all of them. Writes ``OUT/results.json`` and prints a table and the command.
 """
 
 from __future__ import annotations

@@ -214,27 +214,30 @@ def _csr_times_samples(w_csr: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.sparse.mm(w_csr, cols[i]) for i in range(cols.shape[0])])
 
 
-class SparseConv2d(nn.Module):
-    """Inference-only Conv2d (``groups=1``) as im2col + CSR matmul. Input ``(B, C, H, W)``.
+class _SparseConv(nn.Module):
+    """im2col + CSR matmul on a ``(B, C, H, W)`` input; a Conv1d is held as a ``1 x k`` Conv2d.
 
-    A 1x1 convolution with stride 1 and no padding skips the im2col: each sample's ``(C, H*W)``
-    view is already the matrix the CSR weight multiplies.
+    A ``1x1`` kernel with stride 1 and no padding skips the im2col: each sample's ``(C, H*W)`` view
+    is already the matrix the CSR weight multiplies.
     """
 
-    def __init__(self, conv: nn.Conv2d):
+    def __init__(self, conv: nn.Conv1d | nn.Conv2d):
         super().__init__()
         if not _conv_supported(conv):
-            raise FlowpruneError("SparseConv2d supports groups=1, zero padding given as integers only")
+            raise FlowpruneError(f"{type(self).__name__} supports groups=1, zero padding given as integers only")
+
+        def pair(v: tuple[int, ...], lead: int) -> tuple[int, int]:
+            return (lead, *v) if len(v) == 1 else tuple(v)
+
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.kernel_size, self.stride = conv.kernel_size, conv.stride
-        self.padding, self.dilation = conv.padding, conv.dilation
+        self.kernel_size, self.stride = pair(conv.kernel_size, 1), pair(conv.stride, 1)
+        self.padding, self.dilation = pair(conv.padding, 0), pair(conv.dilation, 1)
         self.pointwise = self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
         self.weight_csr = _csr(conv.weight.detach().reshape(conv.out_channels, -1))
         self.bias = None if conv.bias is None else conv.bias.detach().clone()
         self.nnz = int(self.weight_csr.values().numel())
 
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _conv2d(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
         kh, kw = self.kernel_size
         ho = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
@@ -249,38 +252,24 @@ class SparseConv2d(nn.Module):
         return y
 
 
-class SparseConv1d(nn.Module):
-    """Inference-only Conv1d (``groups=1``) as im2col + CSR matmul. Input ``(B, C, L)``.
-
-    The im2col is ``F.unfold`` on the ``(B, C, 1, L)`` view; a kernel of size 1 with stride 1 and no
-    padding uses the input as it is.
-    """
-
-    def __init__(self, conv: nn.Conv1d):
-        super().__init__()
-        if not _conv_supported(conv):
-            raise FlowpruneError("SparseConv1d supports groups=1, zero padding given as integers only")
-        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.kernel_size, self.stride = conv.kernel_size[0], conv.stride[0]
-        self.padding, self.dilation = conv.padding[0], conv.dilation[0]
-        self.pointwise = self.kernel_size == 1 and self.stride == 1 and self.padding == 0
-        self.weight_csr = _csr(conv.weight.detach().reshape(conv.out_channels, -1))
-        self.bias = None if conv.bias is None else conv.bias.detach().clone()
-        self.nnz = int(self.weight_csr.values().numel())
+class SparseConv2d(_SparseConv):
+    """Inference-only Conv2d (``groups=1``) as im2col + CSR matmul. Input ``(B, C, H, W)``."""
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, n = x.shape
-        lo = (n + 2 * self.padding - self.dilation * (self.kernel_size - 1) - 1) // self.stride + 1
-        if self.pointwise:
-            cols = x.contiguous()
-        else:
-            cols = F.unfold(x.unsqueeze(2), (1, self.kernel_size), dilation=(1, self.dilation),
-                            padding=(0, self.padding), stride=(1, self.stride))
-        y = _csr_times_samples(self.weight_csr, cols).reshape(b, self.out_channels, lo)
-        if self.bias is not None:
-            y = y + self.bias.view(1, -1, 1)
-        return y
+        return self._conv2d(x)
+
+
+class SparseConv1d(_SparseConv):
+    """Inference-only Conv1d (``groups=1``) as im2col + CSR matmul. Input ``(B, C, L)``.
+
+    Computed as the ``1 x k`` Conv2d on the ``(B, C, 1, L)`` view (``F.unfold``); a kernel of size 1
+    with stride 1 and no padding uses the input as it is.
+    """
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv2d(x.unsqueeze(2)).squeeze(2)
 
 
 def sparse_layer(module: nn.Module) -> nn.Module | None:

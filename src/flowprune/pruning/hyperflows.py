@@ -106,6 +106,7 @@ from flowprune.pruning.masks import (
     weight_parameters,
 )
 from flowprune.pruning.pressure import ConstantPressure, PressureScheduler, fit_power_law, gamma_for_remaining
+from flowprune.runstate import atomic_torch_save
 
 CORRECTIONS = ("topk", "none")
 REGROW_MODES = ("hold", "free")
@@ -209,12 +210,6 @@ def _pressure(gamma: float, exponent: float) -> float:
 def auto_mask_lr(pruning_steps: int) -> float:
     """``clip(5 / pruning_steps, 1e-3, 0.05)`` (see the module docstring)."""
     return float(min(0.05, max(1e-3, 5.0 / max(1, pruning_steps))))
-
-
-def _save_atomic(obj: dict, path: Path) -> None:
-    from flowprune.runstate import atomic_torch_save
-
-    atomic_torch_save(obj, path)
 
 
 @torch.no_grad()
@@ -458,10 +453,10 @@ class _Run:
 
     def save_checkpoint(self, epoch: int) -> None:
         if self.ckpt is not None:
-            _save_atomic({"model": self.net.state_dict(), "opt_w": self.opt_w.state_dict(),
-                          "opt_m": self.opt_m.state_dict(), "scheduler": self.sched.state_dict(),
-                          "epoch": epoch, "history": self.history, "keep_after_prune": self.keep_after_prune,
-                          "config": asdict(self.cfg)}, self.ckpt)
+            atomic_torch_save({"model": self.net.state_dict(), "opt_w": self.opt_w.state_dict(),
+                               "opt_m": self.opt_m.state_dict(), "scheduler": self.sched.state_dict(),
+                               "epoch": epoch, "history": self.history, "keep_after_prune": self.keep_after_prune,
+                               "config": asdict(self.cfg)}, self.ckpt)
 
     def nan_stop(self, value: float, where: str) -> FloatingPointError:
         done = self.history[-1]["epoch"] if self.history else 0
