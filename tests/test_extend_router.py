@@ -5,7 +5,6 @@ export and the command line (``--router`` choices, ``--router-option``) without 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import math
 import os
@@ -26,13 +25,8 @@ _MODELS: dict = {}
 
 
 def _load_example():
-    try:
-        from flowprune.plugins import load_plugin
-    except ImportError:  # pragma: no cover - the plugin loader is optional here
-        spec = importlib.util.spec_from_file_location("margin_router_example", EXAMPLE)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
+    from flowprune.plugins import load_plugin
+
     return load_plugin(str(EXAMPLE))
 
 

@@ -312,4 +312,4 @@ def test_early_exit_reruns_a_model_fx_cannot_cut(digits_data):
     ee = build_early_exit(model, digits_data, epochs=1)
     x = digits_data.test.tensors[0][:64]
     _check_dispatch(ee, model, x)
-    assert isinstance(ee.continues_from_exit, bool)
+    assert not ee.continues_from_exit  # the rerun path: escalated samples run the whole ViT

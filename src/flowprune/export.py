@@ -579,9 +579,8 @@ def _export_router(r, light_net: nn.Module, x: torch.Tensor, out: Path, exporter
 
 
 def _write_onnx_router(net: nn.Module, inputs: tuple, out: Path, exporter: str, opset: int | None,
-                       input_names: list[str] | None = None) -> str:
-    """A router as ONNX: (logits[, features]) -> score; TorchScript exporter (a small function)."""
-    names = input_names or ["logits", "features"]
+                       names: list[str]) -> str:
+    """A router as ONNX: ``names`` (logits[, features]) -> score; TorchScript exporter (a small function)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp.onnx", dir=out.parent)
     os.close(fd)
     try:
@@ -629,7 +628,7 @@ class RoutedOutput(types.SimpleNamespace):
 
 def _runner_router(rec: dict):
     """The router of an exported record without ``router.onnx``: rebuilt from the registry by name + config."""
-    from flowprune.route.routers import list_routers, router_class
+    from flowprune.route.routers import get_router, list_routers, router_class
 
     ok = [n for n in list_routers() if _has_numpy_score(router_class(n))]
     name = rec.get("router")
@@ -638,8 +637,6 @@ def _runner_router(rec: dict):
     cfg = rec.get("router_config", {})
     if not isinstance(cfg, dict):
         raise FlowpruneError(f"router_config of the exported cascade must be an object, got {cfg!r}")
-    from flowprune.route.routers import get_router
-
     return get_router(name, **cfg)
 
 

@@ -85,6 +85,17 @@ class RouteResult(ProcedureResult):
         return s
 
 
+def _check_router_arg(router, options) -> type[Router] | None:
+    """Raise unless ``router`` is a :class:`Router` or a registered name and ``options`` (router_kwargs)
+    a dict or None; returns the registered class of a name."""
+    if not isinstance(router, (Router, str)):
+        raise FlowpruneError(f"router must be a registered name (flowprune.list_routers()) or a Router, "
+                             f"got {type(router).__name__}")
+    if options is not None and not isinstance(options, dict):
+        raise FlowpruneError(f"router_kwargs must be a dict of the router's options, got {type(options).__name__}")
+    return router_class(router) if isinstance(router, str) else None
+
+
 def build_router(router: str | Router, options: dict | None = None, *, seed: int = 0, hidden: int = 32) -> Router:
     """A router from its registry name and ``options``, or a copy of a :class:`Router` instance
     (fitting and calibration change the router; the caller's stays as it was).
@@ -97,12 +108,7 @@ def build_router(router: str | Router, options: dict | None = None, *, seed: int
             raise FlowpruneError(f"router_kwargs {sorted(options)} apply to a router given by name; configure the "
                                  f"{type(router).__name__} instance itself")
         return copy.deepcopy(router)
-    if not isinstance(router, str):
-        raise FlowpruneError(f"router must be a registered name (flowprune.list_routers()) or a Router, "
-                             f"got {type(router).__name__}")
-    if options is not None and not isinstance(options, dict):
-        raise FlowpruneError(f"router_kwargs must be a dict of the router's options, got {type(options).__name__}")
-    cls = router_class(router)
+    cls = _check_router_arg(router, options)
     inherited = {k: v for k, v in {"seed": seed, "hidden": hidden}.items() if k in cls.inherits}
     return get_router(router, **{**inherited, **(options or {})})
 
@@ -285,9 +291,9 @@ def _fit_held_out(cascade, val_outs: ExpertOutputs, fraction: float, seed: int) 
     return cal_outs, {"fit_samples": n_fit, "calibration_samples": len(cal_outs), **info}
 
 
-def _evaluate(cascade, data, *, mode: str, target: float, tolerance: float, learned_fraction: float, out_dir, measure: bool, do_sweep: bool, diagnostic: bool, seed: int,
-              rounds: int, latency_samples: int, diagnostic_steps: int, extra: dict,
-              sweep_usages=SWEEP_USAGES, sweep_rounds: int = 1) -> RouteResult:
+def _evaluate(cascade, data, *, mode: str, target: float, tolerance: float, learned_fraction: float, out_dir,
+              measure: bool, do_sweep: bool, diagnostic: bool, seed: int, rounds: int, latency_samples: int,
+              diagnostic_steps: int, extra: dict, sweep_usages=SWEEP_USAGES, sweep_rounds: int = 1) -> RouteResult:
     from flowprune.report import write_results
     from flowprune.route.diagnostics import signal_compression
     from flowprune.route.io import save_cascade
@@ -378,14 +384,7 @@ class RouteConfig(ProcedureConfig):
         return check_target(hb, self.max_drop)
 
     def validate(self) -> RouteConfig:
-        if not isinstance(self.router, Router):
-            if not isinstance(self.router, str):
-                raise FlowpruneError(f"router must be a registered name (flowprune.list_routers()) or a Router, "
-                                     f"got {type(self.router).__name__}")
-            router_class(self.router)
-        if self.router_kwargs is not None and not isinstance(self.router_kwargs, dict):
-            raise FlowpruneError(f"router_kwargs must be a dict of the router's options, got "
-                                 f"{type(self.router_kwargs).__name__}")
+        _check_router_arg(self.router, self.router_kwargs)
         self.target()
         check_fraction("tolerance", self.tolerance, low_open=True, high_open=False)
         check_fraction("learned_fraction", self.learned_fraction, low_open=True, high_open=True)

@@ -390,22 +390,29 @@ class EarlyExitCascade(_RoutedBase):
         if self.num_classes is None:
             self.num_classes = head.out_features
 
+    def _cut(self, part: str) -> nn.Module | None:
+        """``part`` (``"prefix"`` or ``"suffix"``) of the network at the exit, built once per (backbone,
+        stage) and cached outside the module tree, so the routed forward does not rebuild it per batch.
+        Both share the backbone's modules, as the old Sequential split did (replace a module of the
+        backbone and build a new cascade)."""
+        backbone = self.backbone
+        key = (self.stage, id(backbone))
+        cache = self.__dict__.get("_cut_cache")
+        if cache is None or cache["key"] != key:
+            cache = self.__dict__["_cut_cache"] = {"key": key}
+        if part not in cache:
+            cache[part] = _Prefix(backbone, self.stage) if part == "prefix" else suffix_after(backbone, self.stage)
+        return cache[part]
+
     @property
     def prefix(self) -> nn.Module:
         """The network up to the exit (returns the exit module's output)."""
-        return _Prefix(self.backbone, self.stage)
+        return self._cut("prefix")
 
     @property
     def suffix(self) -> nn.Module | None:
         """The rest of the network after the exit (``h -> logits``), or None when it cannot be cut out."""
-        # cut once per (backbone, stage) and cached: it shares the backbone's modules, as the old
-        # Sequential split did (replace a module of the backbone and build a new cascade)
-        key = (self.stage, id(self.backbone))
-        cache = self.__dict__.get("_suffix_cache")
-        if cache is None or cache[0] != key:
-            cache = (key, suffix_after(self.backbone, self.stage))
-            self.__dict__["_suffix_cache"] = cache
-        return cache[1]
+        return self._cut("suffix")
 
     @property
     def continues_from_exit(self) -> bool:
