@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from flowprune.device import model_device
 from flowprune.errors import FlowpruneError
 from flowprune.measure import runs_on as _runs
 from flowprune.tp_ext import dedupe_group as _dedupe_group
@@ -32,11 +33,15 @@ def _example(model: nn.Module, example_inputs: torch.Tensor | None) -> torch.Ten
     if example_inputs is not None:
         if not isinstance(example_inputs, torch.Tensor):
             raise FlowpruneError("example_inputs must be a tensor batch, e.g. torch.randn(1, 3, 32, 32)")
-        return example_inputs
-    base = getattr(model, "flowprune_base", None)
-    if base is None:
-        raise FlowpruneError("example_inputs is required for a model not built by flowprune.build_model")
-    return torch.randn(1, *base["input_shape"])
+        x = example_inputs
+    else:
+        base = getattr(model, "flowprune_base", None)
+        if base is None:
+            raise FlowpruneError("example_inputs is required for a model not built by flowprune.build_model")
+        x = torch.randn(1, *base["input_shape"])
+    # the example goes where the model is (calibration batches live on the CPU; the model may not)
+    dev = model_device(model)
+    return x if dev is None else x.to(dev)
 
 
 def cut_heads(attn: nn.Module, heads: Sequence[int]) -> None:

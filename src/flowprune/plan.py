@@ -93,9 +93,11 @@ class MacsModel:
     def __init__(self, model: nn.Module, units: Sequence, example_inputs: torch.Tensor):
         import torch_pruning as tp
 
+        from flowprune.device import model_device
         from flowprune.measure import eval_mode
 
-        x = example_inputs[:1]
+        dev = model_device(model)
+        x = example_inputs[:1] if dev is None else example_inputs[:1].to(dev)
         with eval_mode(model), torch.no_grad():
             total, _params, layer_macs, _ = tp.utils.count_ops_and_params(model, x, layer_wise=True)
         self.total = float(total)
