@@ -243,18 +243,19 @@ def table(summary: list[dict], model: str) -> str:
 RESULTS = Path("docs/results/study_structural.json")
 RECHECK = RESULTS.with_name("study_structural_recheck.json")
 LEGACY = """**Where these numbers come from.** Rows without a recorded code version were appended to
-`runs/bench/study/*.jsonl` while commits bb6b835 and 70c3861 (2 Dec 2026, issue 9) were developed, over
-several states of the code, and committed in 70c3861 with a header command (`--configs agf-layer`)
-that only summarised the accumulated file. Their configurations then left options to the library's
-defaults, which changed during that work (bb6b835 made `agf`'s `abs_mode` default `after_sum` and
-`compensate` default `True`), so which defaults each of them ran with is not known; the names are read
-here by the study's naming convention (`-as`, `-sq`, `-mc`, `-sN`; see `CONFIGS`), which every
-configuration now pins. **No configuration reproduces these rows on today's code**: the dense models
-differ (DENSE) and later fixes changed the scores (issue 20's BatchNorm fold changes every magnitude
-score of a residual stage, so every ResNet-20 `l2` row); the rows rerun on today's code are in
+`runs/bench/study/*.jsonl` while commits bb6b835 and 70c3861 (2 Dec 2026, issue 9) were developed,
+over several states of the code, and committed in 70c3861 with a header command (`--configs
+agf-layer`) that only summarised the accumulated file. Their configurations then left options to the
+library's defaults, which changed during that work (bb6b835 gave `agf` the `center` option, made
+`after_sum` its default `abs_mode`, and added mean compensation, on by default), so which defaults
+each of them ran with is not known; the names are read here by the study's naming convention (`-as`,
+`-sq`, `-mc`, `-sN`; see `CONFIGS`), which every configuration now pins. **No configuration reproduces
+these rows on today's code**: the dense models differ (DENSE) and later fixes changed the scores
+(issue 20's BatchNorm fold changes every magnitude score of a residual stage, so every ResNet-20
+`l2` row); rows rerun on today's code, with their pinned configurations, are in
 [study_structural_recheck.md](study_structural_recheck.md). Exact repeats of a row (same model, seed,
 target and configuration, appended twice by a resumed run) are counted once (REPEATS). The default
-(`agfc-as-global-mc`) was chosen on the single ResNet-20 seed below, one model and one seed."""
+(`agfc-as-global-mc`) was chosen on the single ResNet-20 seed below: one model, one seed."""
 
 
 def provenance(raw: list[dict], rows: list[dict]) -> str:
