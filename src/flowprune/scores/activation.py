@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from flowprune.errors import FlowpruneError, bad_choice
+from flowprune.recurrent import is_recurrent, unit_rows, weight_input_sq
 from flowprune.scores.base import (
     Score,
     device_of,
@@ -28,13 +29,19 @@ from flowprune.scores.magnitude import BN_MODES, bn_fold_factors
 
 
 def input_norms(model: nn.Module, names: set[str], batches) -> dict[str, torch.Tensor]:
-    """||X_j||_2 per input channel j of each named module over all batches."""
+    """||X_j||_2 per input channel j of each named module over all batches (for a recurrent module:
+    ``{weight name: norms}`` of what each of its weight matrices reads, see
+    :func:`flowprune.recurrent.weight_input_sq`)."""
     mods = modules_of(model)
     dev = device_of(model)
     acc: dict[str, torch.Tensor] = {}
     handles = []
     for n in names:
         def hook(mod, args, n=n):
+            if is_recurrent(mod):
+                v = weight_input_sq(mod, args[0])
+                acc[n] = {k: acc[n][k] + t for k, t in v.items()} if n in acc else v
+                return
             v = input_channel_sq(args[0], mod).double().cpu()
             acc[n] = acc[n] + v if n in acc else v
         handles.append(mods[n].register_forward_pre_hook(hook))
@@ -46,7 +53,7 @@ def input_norms(model: nn.Module, names: set[str], batches) -> dict[str, torch.T
     finally:
         for h in handles:
             h.remove()
-    return {n: v.sqrt() for n, v in acc.items()}
+    return {n: {k: t.sqrt() for k, t in v.items()} if isinstance(v, dict) else v.sqrt() for n, v in acc.items()}
 
 
 def _expanded_norm(mod: nn.Module, xn: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -71,6 +78,14 @@ class _ActivationScore(Score):
     def per_weight(self, mod: nn.Module, w: torch.Tensor, xn: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _row_sums(self, mod: nn.Module, xn) -> torch.Tensor:
+        """Per output row (channel) of ``mod``, the sum of its per-weight scores (float64, CPU); a
+        recurrent module's rows are its hidden units' gate rows over every weight matrix."""
+        if is_recurrent(mod):
+            per = {k: self.per_weight(mod, getattr(mod, k).detach().double().cpu(), v) for k, v in xn.items()}
+            return unit_rows(mod, per, bias=False).sum(1)
+        return self.per_weight(mod, mod.weight.detach().double().cpu(), xn).flatten(1).sum(1)
+
     def compute(self, model, units, batches):
         mods = modules_of(model)
         names = {m.module_name for u in units for m in u.producers}
@@ -83,10 +98,9 @@ class _ActivationScore(Score):
             for m in u.producers:
                 if m.module_name not in cache:
                     mod = mods[m.module_name]
-                    w = mod.weight.detach().double().cpu()
                     if m.module_name not in norms:
                         raise FlowpruneError(f"layer {m.module_name} saw no input in the calibration batches")
-                    cache[m.module_name] = self.per_weight(mod, w, norms[m.module_name]).flatten(1).sum(1)
+                    cache[m.module_name] = self._row_sums(mod, norms[m.module_name])
                 row = cache[m.module_name][m.idxs]
                 f = factors.get(m.module_name)
                 acc.index_add_(0, m.root_idxs, row * f if f is not None else row)
