@@ -324,3 +324,13 @@ def output_sequence(m: nn.Module, output) -> torch.Tensor:
 
 register_unit_kind(UnitKind(name=KIND, module_types=RNN_TYPES, pruners=_pruners, tracing=_tracing,
                             add_units=_add_units))
+
+
+def own_width_share(m: nn.Module) -> float:
+    """The share of a recurrent module's weight MACs whose both dimensions are its own hidden units
+    (``weight_hh`` and the inner layers' ``weight_ih``): that part scales with the square of the kept
+    fraction of hidden units, the rest (``weight_ih_l0``) with the kept fraction of its inputs."""
+    h, d = int(m.hidden_size), directions(m)
+    per_row = [int(m.input_size) + h] + [d * h + h] * (int(m.num_layers) - 1)
+    total = sum(per_row)
+    return (total - int(m.input_size)) / total
