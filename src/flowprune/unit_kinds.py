@@ -73,6 +73,18 @@ def pruners() -> dict:
     return out
 
 
+def add_units(kinds, units, model: nn.Module, dg, x, named: dict, mod2name: dict, skip: set[str],
+              validate: bool) -> None:
+    """Append to ``units`` (a ``UnitList``) the units of every registered kind named in ``kinds``;
+    what a kind leaves intact goes to ``units.unsupported`` and ``units.reasons``."""
+    for k in _KINDS.values():
+        if k.name in kinds:
+            found, why = k.add_units(model, dg, x, named, mod2name, skip, validate)
+            units.extend(found)
+            units.unsupported.extend(n for n in why if n not in units.reasons)
+            units.reasons.update(why)
+
+
 @contextlib.contextmanager
 def tracing(model: nn.Module):
     """Every registered kind's tracing context, entered together."""

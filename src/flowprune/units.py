@@ -809,12 +809,7 @@ def analyse(model: nn.Module, example_inputs: torch.Tensor, *, kinds: Sequence[s
         scan.add_units(units, kinds)
     if "head" in kinds:
         _add_head_units(units, named, order, attn_names, ignored, excluded)
-    for kind in unit_kinds.unit_kinds():  # kinds of their own modules (flowprune.unit_kinds)
-        if kind.name in kinds:
-            found, why = kind.add_units(model, dg, example_inputs, named, mod2name, ignored | excluded, validate)
-            units.extend(found)
-            units.unsupported.extend(n for n in why if n not in reasons)
-            reasons.update(why)
+    unit_kinds.add_units(kinds, units, model, dg, example_inputs, named, mod2name, ignored | excluded, validate)
     units.sort(key=lambda u: order[u.name])
     if validate and _has_splits(dg):
         units = _without_trial_failures(model, example_inputs, units, kinds, ignored_layers)
