@@ -18,7 +18,11 @@ DENSE = {
     "cnn1d": ("cnn1d", "mnist1d", 15, 0.05),
     "vgg8": ("vgg8", "mnist5k", 10, 0.05),
     "vit": ("vit", "mnist5k", 15, 1e-3),
+    "lstm1d": ("lstm1d", "mnist1d", 40, 1e-2),
 }
+# optimiser settings other than plain SGD (transformers and recurrent nets train poorly with SGD at these budgets)
+OPTIONS = {"vit": {"optimizer": "adamw", "weight_decay": 0.05},
+           "lstm1d": {"optimizer": "adamw", "weight_decay": 0.01, "augment": False}}
 ROOT = Path("runs/bench/dense")
 
 
@@ -33,7 +37,7 @@ def dense_model(key: str, seed: int, root: Path = ROOT):
     data = load_dataset(data_name, seed=0)
     d = root / f"{name}_{data_name}_e{epochs}_s{seed}"
     if not (d / "model.json").exists():
-        opt = {"optimizer": "adamw", "weight_decay": 0.05} if key == "vit" else {}
+        opt = OPTIONS.get(key, {})
         train_model(name, data, TrainConfig(epochs=epochs, lr=lr, seed=seed, **opt), out_dir=d,
                     measure_speed=False, progress=False)
     model = load(d).eval()

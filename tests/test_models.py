@@ -12,7 +12,7 @@ from flowprune.models import MODEL_KINDS, MODELS, build_model, forward_with_feat
 
 # every zoo model (the registry, timm-style), at an input shape of its kind; a few fixed shapes where
 # a model has a constraint (vgg11 pools five times)
-SHAPE_BY_KIND = {"cnn": (1, 28, 28), "vit": (1, 28, 28), "mlp": (1, 28, 28), "cnn1d": (1, 40)}
+SHAPE_BY_KIND = {"cnn": (1, 28, 28), "vit": (1, 28, 28), "mlp": (1, 28, 28), "cnn1d": (1, 40), "rnn1d": (1, 40)}
 SHAPES = {"resnet56": (3, 16, 16), "vgg11": (3, 32, 32), "vgg8": (1, 8, 8)}
 ZOO = [(name, SHAPES.get(name, SHAPE_BY_KIND[MODEL_KINDS[name]])) for name in MODELS]
 

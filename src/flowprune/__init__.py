@@ -10,7 +10,10 @@ Every procedure is called the same way, ``procedure(model, data, config=None, **
 
 from __future__ import annotations
 
-from flowprune import export  # noqa: E402  (a callable module: fp.export(model, path), fp.export.OnnxCascade)
+from flowprune import (
+    export,  # noqa: E402  (a callable module: fp.export(model, path), fp.export.OnnxCascade)
+    recurrent,  # noqa: F401  (registers the "recurrent" unit kind: LSTM / GRU / RNN hidden units)
+)
 from flowprune._version import __version__
 from flowprune.api import train_model  # noqa: E402
 from flowprune.compare import CompareConfig, CompareResult, compare  # noqa: E402

@@ -73,6 +73,7 @@ SHAPE_ATTRIBUTES: set[str] = {
     "in_channels", "out_channels", "in_features", "out_features", "num_features", "groups",
     "num_heads", "head_dim", "embed_dim", "kdim", "vdim", "normalized_shape", "scale", "attn_dim",
     "hidden_features", "num_groups", "num_channels", "dim", "hidden_dim", "inner_dim",
+    "hidden_size", "input_size",
 }
 
 # Constructor options a recipe may pass to torchvision / timm constructors. Conservative: shape
@@ -539,6 +540,9 @@ def rebuild(recipe: dict, shapes: dict[str, tuple[int, ...]], *, where: str | os
                     raise FlowpruneError(f"{w}: saved tensor {key!r} has {len(shape)} dimensions {tuple(shape)}; "
                                          f"the model's has {len(old.shape)} {tuple(old.shape)}")
                 m._buffers[leaf] = torch.empty(shape, dtype=old.dtype)
+    for m in model.modules():
+        if isinstance(m, nn.RNNBase):  # its flat weight list still points at the parameters replaced above
+            m._init_flat_weights()
     return model
 
 

@@ -87,7 +87,9 @@ class MacsModel:
 
     MACs of every leaf layer come from Torch-Pruning's counter once; a layer's MACs scale with
     the kept fraction of its output channels (if a unit cuts them) times the kept fraction of its
-    input channels (if a unit cuts them; not for depthwise convs, whose cost is per channel).
+    input channels (if a unit cuts them; not for depthwise convs, whose cost is per channel). A
+    recurrent module's recurrent and inner-layer weights read its own hidden units: that share of its
+    MACs (:func:`flowprune.recurrent.own_width_share`) scales with its kept fraction squared.
     """
 
     def __init__(self, model: nn.Module, units: Sequence, example_inputs: torch.Tensor):
@@ -95,6 +97,7 @@ class MacsModel:
 
         from flowprune.device import model_device
         from flowprune.measure import eval_mode
+        from flowprune.recurrent import is_recurrent, own_width_share
 
         dev = model_device(model)
         x = example_inputs[:1] if dev is None else example_inputs[:1].to(dev)
@@ -121,15 +124,17 @@ class MacsModel:
                 depthwise = isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1 and mod.groups == mod.in_channels
                 if not depthwise:
                     in_of.setdefault(m.module_name, u.name)
-        self.terms = [(v, out_of.get(n), in_of.get(n)) for n, v in leaf.items() if n in out_of or n in in_of]
-        self.rest = self.total - sum(v for v, _, _ in self.terms)
+        own = {n: own_width_share(mods[n]) for n in leaf if is_recurrent(mods[n])}
+        self.terms = [(v, out_of.get(n), in_of.get(n), own.get(n, 0.0)) for n, v in leaf.items()
+                      if n in out_of or n in in_of]
+        self.rest = self.total - sum(t[0] for t in self.terms)
 
     def macs(self, widths: Mapping[str, int]) -> float:
         def f(name):
             if name is None:
                 return 1.0
             return widths.get(name, self.sizes[name]) / self.sizes[name]
-        return self.rest + sum(v * f(o) * f(i) for v, o, i in self.terms)
+        return self.rest + sum(v * f(o) * ((1.0 - q) * f(i) + q * f(o)) for v, o, i, q in self.terms)
 
 
 def _round_width(k: float, size: int, min_width: int, round_to: int) -> int:

@@ -290,23 +290,48 @@ def reestimate_bn(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.
     """Re-estimate every BatchNorm's running statistics on ``batches``, **in place**; no weight changes.
 
     Running statistics are reset and replaced by the exact average over the batches
-    (``momentum=None``). Returns the model, in eval mode.
+    (``momentum=None``). A BatchNorm that sees one value per channel (a single image through a
+    1x1 pooling branch, e.g. DeepLabV3's ASPP) cannot estimate a variance: for such a call it runs
+    on the statistics it has (its old ones until it sees a larger input), so one-image calibration
+    works. If a forward fails, every statistic is restored and a FlowpruneError says so.
+    Returns the model, in eval mode.
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return model.eval()
-    saved = [(m, m.momentum) for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
+    batches = list(batches)
+    if not batches:
+        raise FlowpruneError("reestimate_bn needs at least one batch")
+    saved = {m: (m.momentum, {k: b.clone() for k, b in m.named_buffers()}) for m in bns}
+    fresh: set = set()
+
+    def pre(m, args):  # reset a BatchNorm's statistics at its first input with more than one value per channel
+        x = args[0]
+        if x.numel() > x.shape[1]:
+            if m not in fresh:
+                m.reset_running_stats()
+                m.momentum = None
+                fresh.add(m)
+            m.train()
+        else:
+            m.eval()
+
+    handles = [m.register_forward_pre_hook(pre) for m in bns]
     dev = next(model.parameters()).device
     model.train()
-    n = 0
-    for x, _ in batches:
-        model(x.to(dev))
-        n += 1
-    for m, mom in saved:
-        m.momentum = mom
-    if n == 0:
-        raise FlowpruneError("reestimate_bn needs at least one batch")
+    try:
+        for x, _ in batches:
+            model(x.to(dev))
+    except Exception as e:
+        for m, (_mom, bufs) in saved.items():
+            for k, b in m.named_buffers():
+                b.copy_(bufs[k])
+        raise FlowpruneError(f"BatchNorm re-estimation failed in a train-mode forward ({type(e).__name__}: "
+                             f"{str(e)[:200]}); the statistics are restored. Pass reestimate_bn=False (prune) or "
+                             "calibration batches this model accepts in train mode") from None
+    finally:
+        for h in handles:
+            h.remove()
+        for m, (mom, _bufs) in saved.items():
+            m.momentum = mom
     return model.eval()

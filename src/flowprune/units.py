@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from flowprune import unit_kinds
 from flowprune.errors import FlowpruneError, bad_choice
 
 log = logging.getLogger(__name__)
@@ -223,7 +224,7 @@ def unsupported_reasons(model: nn.Module) -> dict[str, str]:
             if isinstance(m, typ):
                 bad[n] = why
                 break
-        if n in bad or isinstance(m, _SUPPORTED_PARAM_TYPES):
+        if n in bad or isinstance(m, _SUPPORTED_PARAM_TYPES + unit_kinds.module_types()):
             continue
         others = [(k, p) for k, p in own if param_kind(f"{n}.{k}", p) == "other"]
         if others:
@@ -247,7 +248,7 @@ def _unwrapped(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
 
     wrapped = set()
     for m in model.modules():
-        if ops_prunable(tp, m):
+        if ops_prunable(tp, m) or isinstance(m, unit_kinds.module_types()):
             wrapped.update(id(p) for p in m.parameters())
     out = []
     for n, p in model.named_parameters():
@@ -411,8 +412,10 @@ def _trace(model: nn.Module, x: torch.Tensor, unwrapped, *, train: bool, opaque:
     custom = opaque_types(opaque)
     types = tuple(custom)
     custom[ShuffleBarrier] = OpaquePruner()
+    custom.update(unit_kinds.pruners())
     if not train:
-        with eval_mode(model), torch.enable_grad(), opaque_while_tracing(model, types), barriers_while_tracing(model):
+        with eval_mode(model), torch.enable_grad(), opaque_while_tracing(model, types), barriers_while_tracing(model), \
+                unit_kinds.tracing(model):
             return tp.DependencyGraph().build_dependency(model, example_inputs=x, unwrapped_parameters=unwrapped,
                                                          customized_pruners=custom, verbose=False)
     # train-mode trace (auxiliary heads run only in training): BatchNorm running statistics,
@@ -427,7 +430,7 @@ def _trace(model: nn.Module, x: torch.Tensor, unwrapped, *, train: bool, opaque:
 
     try:
         with torch.random.fork_rng(devices=[]), torch.enable_grad(), opaque_while_tracing(model, types), \
-                barriers_while_tracing(model):
+                barriers_while_tracing(model), unit_kinds.tracing(model):
             return tp.DependencyGraph().build_dependency(model, example_inputs=xb, unwrapped_parameters=unwrapped,
                                                          customized_pruners=custom, forward_fn=forward_train,
                                                          verbose=False)
@@ -547,6 +550,8 @@ def _members_from_group(group, dg, mod2name: dict[nn.Module, str]) -> tuple[list
                 consumers.append(Member(name, "in", idxs, root))
         elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)):
             norms.append(Member(name, "out", idxs, root))
+        elif is_in and isinstance(m, unit_kinds.module_types()):
+            consumers.append(Member(name, "in", idxs, root))
         else:
             others.append(m)
     return producers, norms, consumers, others
@@ -780,7 +785,7 @@ def _remap(members: list[Member], class_of: torch.Tensor) -> list[Member]:
     return [Member(m.module_name, m.role, m.idxs, class_of[m.root_idxs]) for m in members]
 
 
-def analyse(model: nn.Module, example_inputs: torch.Tensor, *, kinds: Sequence[str] = KINDS,
+def analyse(model: nn.Module, example_inputs: torch.Tensor, *, kinds: Sequence[str] | None = None,
             ignored_layers: Sequence[nn.Module | str] | None = None, validate: bool = True):
     """:func:`find_units` plus the DependencyGraph it used: ``(units, dg)``."""
     kinds = _check_analyse_args(model, kinds)
@@ -799,27 +804,32 @@ def analyse(model: nn.Module, example_inputs: torch.Tensor, *, kinds: Sequence[s
     units.reasons = reasons
     units.excluded = sorted(excluded)
     order = {n: i for i, n in enumerate(named)}
-    if kinds != ("head",):
+    if {"channel", "neuron"} & set(kinds):
         scan = _ChannelGroups(model, dg, named, mod2name, order, ignored, excluded, attn_names, units.unsupported)
         scan.add_units(units, kinds)
     if "head" in kinds:
         _add_head_units(units, named, order, attn_names, ignored, excluded)
+    unit_kinds.add_units(kinds, units, model, dg, example_inputs, named, mod2name, ignored | excluded, validate)
     units.sort(key=lambda u: order[u.name])
     if validate and _has_splits(dg):
         units = _without_trial_failures(model, example_inputs, units, kinds, ignored_layers)
     return units, dg
 
 
-def _check_analyse_args(model: nn.Module, kinds: Sequence[str]) -> tuple[str, ...]:
-    """``kinds`` as a tuple, once ``model`` is an ``nn.Module`` and every kind is known (else FlowpruneError)."""
+def _check_analyse_args(model: nn.Module, kinds: Sequence[str] | None) -> tuple[str, ...]:
+    """``kinds`` as a tuple (None: every kind, built-in and registered), once ``model`` is an
+    ``nn.Module`` and every kind is known (else FlowpruneError)."""
     if not isinstance(model, nn.Module):
         raise FlowpruneError(f"model must be a torch nn.Module, got {type(model).__name__}")
+    known = KINDS + unit_kinds.kind_names()
+    if kinds is None:
+        return known
     if isinstance(kinds, str):
         raise FlowpruneError(f"kinds must be a sequence of unit kinds such as ('channel',), got the string {kinds!r}")
     kinds = tuple(kinds)
     for k in kinds:
-        if k not in KINDS:
-            raise bad_choice("unit kind", k, KINDS)
+        if k not in known:
+            raise bad_choice("unit kind", k, known)
     return kinds
 
 
@@ -1013,7 +1023,7 @@ def _has_splits(dg) -> bool:
 
 
 def trial_cuts(model: nn.Module, example_inputs: torch.Tensor, units: Sequence[PrunableUnit], *,
-               kinds: Sequence[str] = KINDS, ignored_layers=None) -> dict[str, str]:
+               kinds: Sequence[str] | None = None, ignored_layers=None) -> dict[str, str]:
     """``{unit name: reason}`` for units whose cut leaves the model unable to run.
 
     Torch-Pruning's index mapping through splits, slices and reshapes (CSP stages, Res2Net,
@@ -1059,14 +1069,15 @@ def trial_cuts(model: nn.Module, example_inputs: torch.Tensor, units: Sequence[P
     return bad
 
 
-def find_units(model: nn.Module, example_inputs: torch.Tensor, *, kinds: Sequence[str] = KINDS,
+def find_units(model: nn.Module, example_inputs: torch.Tensor, *, kinds: Sequence[str] | None = None,
                ignored_layers: Sequence[nn.Module | str] | None = None) -> UnitList:
     """Every prunable unit of ``model`` (channels, neurons, heads), in module order.
 
     Args:
         model: any traceable model; it is traced once (eval mode, restored) and not changed.
         example_inputs: one input batch, e.g. ``torch.randn(1, *input_shape)``.
-        kinds: which kinds of unit to return.
+        kinds: which kinds of unit to return (default: every kind, :data:`KINDS` and the kinds
+            registered in :mod:`flowprune.unit_kinds`, e.g. ``recurrent``).
         ignored_layers: modules (or their names) whose output channels must not be cut.
 
     Returns:

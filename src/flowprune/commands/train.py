@@ -22,7 +22,7 @@ HELP = "train a model from the zoo on a data set (resumes from DIR/checkpoint.pt
 def add_arguments(p: argparse.ArgumentParser) -> None:
     setup_parser(p)
     p.add_argument("--model", default="resnet20", help="zoo name (resnet20, resnet56, wrn16_2, vgg11, vgg8, vit, "
-                   "lenet300, cnn1d), tv:NAME or timm:NAME")
+                   "lenet300, cnn1d, lstm1d, gru1d), tv:NAME or timm:NAME")
     add_data_arguments(p)
     add_train_arguments(p)
     p.add_argument("--out", required=True, help="output directory (model, checkpoint, results.json)")

@@ -16,6 +16,7 @@ from torch import nn
 
 from flowprune.errors import FlowpruneError, bad_choice
 from flowprune.models.resnet import BasicBlock, CifarResNet, PreActBlock, WideResNet
+from flowprune.models.sequence import SeqRNN
 from flowprune.models.small import MLP, VGG, CNN1d, small_vit
 
 __all__ = ["BasicBlock", "CifarResNet", "PreActBlock", "WideResNet", "MLP", "VGG", "CNN1d",
@@ -70,6 +71,15 @@ def _cnn1d(input_shape, num_classes, widths: Sequence[int] = (32, 64, 128)):
     return CNN1d(int(input_shape[0]), num_classes, tuple(int(w) for w in widths))
 
 
+def _seq(cell: str) -> Callable[..., nn.Module]:
+    def make(input_shape, num_classes, hidden: int = 64, layers: int = 1, bidirectional: bool = False):
+        if len(input_shape) != 2:
+            raise FlowpruneError(f"model '{cell}1d' needs 1-D signals (C, L), read as L steps of C features; got "
+                                 f"input_shape={tuple(input_shape)}; use it with data set 'mnist1d'")
+        return SeqRNN(int(input_shape[0]), num_classes, cell, int(hidden), int(layers), bool(bidirectional))
+    return make
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet20": _resnet(20),
     "resnet56": _resnet(56),
@@ -79,9 +89,11 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "vit": _vit,
     "lenet300": _lenet300,
     "cnn1d": _cnn1d,
+    "lstm1d": _seq("lstm"),
+    "gru1d": _seq("gru"),
 }
 MODEL_KINDS = {"resnet20": "cnn", "resnet56": "cnn", "wrn16_2": "cnn", "vgg11": "cnn", "vgg8": "cnn",
-               "vit": "vit", "lenet300": "mlp", "cnn1d": "cnn1d"}
+               "vit": "vit", "lenet300": "mlp", "cnn1d": "cnn1d", "lstm1d": "rnn1d", "gru1d": "rnn1d"}
 
 
 def list_models() -> list[str]:
@@ -137,7 +149,7 @@ def build_model(name: str, input_shape: Sequence[int] = (3, 32, 32), num_classes
 
     Args:
         name: a zoo name (``resnet20``, ``resnet56``, ``wrn16_2``, ``vgg11``, ``vgg8``, ``vit``,
-            ``lenet300``, ``cnn1d``), ``tv:NAME`` (torchvision) or ``timm:NAME``.
+            ``lenet300``, ``cnn1d``, ``lstm1d``, ``gru1d``), ``tv:NAME`` (torchvision) or ``timm:NAME``.
         input_shape: one sample's shape without the batch dimension, e.g. ``(1, 28, 28)``.
         num_classes: size of the classifier output.
         kwargs: the model's own options (``width`` for ResNets, ``depth``/``num_heads`` for the ViT...).

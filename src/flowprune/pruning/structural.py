@@ -67,7 +67,7 @@ class PruneConfig(ProcedureConfig):
     normalize: str = DEFAULT_NORMALIZE
     reestimate_bn: bool = True
     measure: bool = True
-    kinds: Sequence[str] = ("channel", "neuron", "head")
+    kinds: Sequence[str] = ("channel", "neuron", "head", "recurrent")
     compensate: bool = DEFAULT_COMPENSATE
 
     def validate(self) -> PruneConfig:

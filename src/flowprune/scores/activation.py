@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from flowprune.errors import FlowpruneError, bad_choice
+from flowprune.recurrent import is_recurrent, unit_rows, weight_input_sq
 from flowprune.scores.base import (
     Score,
     device_of,
@@ -28,13 +29,19 @@ from flowprune.scores.magnitude import BN_MODES, bn_fold_factors, folded_weight
 
 
 def input_norms(model: nn.Module, names: set[str], batches) -> dict[str, torch.Tensor]:
-    """||X_j||_2 per input channel j of each named module over all batches."""
+    """||X_j||_2 per input channel j of each named module over all batches (for a recurrent module:
+    ``{weight name: norms}`` of what each of its weight matrices reads, see
+    :func:`flowprune.recurrent.weight_input_sq`)."""
     mods = modules_of(model)
     dev = device_of(model)
     acc: dict[str, torch.Tensor] = {}
     handles = []
     for n in names:
         def hook(mod, args, n=n):
+            if is_recurrent(mod):
+                v = weight_input_sq(mod, args[0])
+                acc[n] = {k: acc[n][k] + t for k, t in v.items()} if n in acc else v
+                return
             v = input_channel_sq(args[0], mod).double().cpu()
             acc[n] = acc[n] + v if n in acc else v
         handles.append(mods[n].register_forward_pre_hook(hook))
@@ -46,7 +53,7 @@ def input_norms(model: nn.Module, names: set[str], batches) -> dict[str, torch.T
     finally:
         for h in handles:
             h.remove()
-    return {n: v.sqrt() for n, v in acc.items()}
+    return {n: {k: t.sqrt() for k, t in v.items()} if isinstance(v, dict) else v.sqrt() for n, v in acc.items()}
 
 
 def _expanded_norm(mod: nn.Module, xn: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -74,6 +81,16 @@ class _ActivationScore(Score):
     def per_weight(self, mod: nn.Module, w: torch.Tensor, xn: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _row_sums(self, mod: nn.Module, xn, fold: torch.Tensor | None = None) -> torch.Tensor:
+        """Per output row (channel) of ``mod``, the sum of its per-weight scores on the weights folded
+        with ``fold`` (float64, CPU); a recurrent module's rows are its hidden units' gate rows over
+        every weight matrix (no BatchNorm follows a recurrent layer, so no fold)."""
+        if is_recurrent(mod):
+            per = {k: self.per_weight(mod, getattr(mod, k).detach().double().cpu(), v) for k, v in xn.items()}
+            return unit_rows(mod, per, bias=False).sum(1)
+        w = folded_weight(mod.weight.detach().double().cpu(), fold)
+        return self.per_weight(mod, w, xn).flatten(1).sum(1)
+
     def compute(self, model, units, batches):
         mods = modules_of(model)
         names = {m.module_name for u in units for m in u.producers}
@@ -90,8 +107,7 @@ class _ActivationScore(Score):
                     mod = mods[m.module_name]
                     if m.module_name not in norms:
                         raise FlowpruneError(f"layer {m.module_name} saw no input in the calibration batches")
-                    w = folded_weight(mod.weight.detach().double().cpu(), f)
-                    cache[key] = self.per_weight(mod, w, norms[m.module_name]).flatten(1).sum(1)
+                    cache[key] = self._row_sums(mod, norms[m.module_name], f)
                 acc.index_add_(0, m.root_idxs, cache[key][m.idxs])
             out[u.name] = acc
         return out

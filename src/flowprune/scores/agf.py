@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from flowprune.errors import FlowpruneError, bad_choice
+from flowprune.recurrent import is_recurrent
 from flowprune.scores.base import (
     Score,
     cross_entropy_sum,
@@ -146,8 +147,14 @@ def _capture_hooks(mods: dict[str, nn.Module], keys: dict[tuple[str, str], list[
                 lambda _m, a, s=store, k=lay: s.append(acc.capture(a[0], k))))
         else:
             handles.append(mods[name].register_forward_hook(
-                lambda _m, _a, out, s=store, k=lay: s.append(acc.capture(out, k))))
+                lambda _m, _a, out, s=store, k=lay: s.append(acc.capture(_first(out), k))))
     return handles
+
+
+def _first(out):
+    """A module's feature output: the tensor, or the first item of a tuple (a recurrent module's
+    output sequence)."""
+    return out[0] if isinstance(out, tuple) and out else out
 
 
 def _backward_batch(work: nn.Module, x: torch.Tensor, y: torch.Tensor, dev, acc: _FeatureSums, params: list,
@@ -194,14 +201,19 @@ def _add_unit_sums(units: list, plan: dict, keys: dict[tuple[str, str], list[int
 
 
 def _layout(module: nn.Module) -> str:
-    """How a module's feature tensor holds channels: ``"conv"`` (B, C, *S) or ``"linear"`` (B, ..., C)."""
-    return "conv" if isinstance(module, nn.modules.conv._ConvNd) else "linear"
+    """How a module's feature tensor holds channels: ``"conv"`` (B, C, *S), ``"linear"`` (B, ..., C) or
+    ``"time_first"`` (T, B, C: a recurrent module with ``batch_first=False``)."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return "conv"
+    return "time_first" if is_recurrent(module) and not module.batch_first else "linear"
 
 
 def _channel_sums(t: torch.Tensor, lay: str, absolute: bool) -> torch.Tensor:
     """``base.channel_sums`` by layout name: (B, C) per-sample sums over positions."""
     if absolute:
         t = t.abs()
+    if lay == "time_first" and t.dim() == 3:
+        t = t.transpose(0, 1)
     if lay == "conv":
         return t.flatten(2).sum(2) if t.dim() > 2 else t
     if t.dim() == 1:

@@ -29,6 +29,11 @@ No ReLU here (choice the paper leaves open: a head's output is a signed mixture 
 a pre-activation; ``relu_heads=True`` applies it anyway). The divergence of the attention layer
 is the sum of its heads' scores (:func:`attention_layer_divergence`).
 
+**Recurrent hidden unit** (``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``, :mod:`flowprune.recurrent`): the
+linear-neuron formula on the module's output sequence ``(B, T, directions * H)`` and each output
+channel's gate rows over every layer (:func:`flowprune.recurrent.unit_rows`), without the ReLU
+(hidden states are signed, tanh-bounded); a unit's two directions are averaged.
+
 Only forward passes, no gradients: one forward per calibration batch.
 """
 
@@ -42,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flowprune.errors import FlowpruneError
+from flowprune.recurrent import is_recurrent, output_sequence, unit_rows
 from flowprune.scores.base import Score, register_score
 
 
@@ -87,8 +93,11 @@ def _unit_kind(unit) -> str:
         return "conv"
     if isinstance(m, nn.Linear):
         return "linear"
+    if is_recurrent(m):
+        return "recurrent"
     raise FlowpruneError(f"divergence score: unit {unit.name!r} has module {type(m).__name__}; "
-                         "supported: Conv1d/Conv2d filters, Linear neurons, timm-style attention heads")
+                         "supported: Conv1d/Conv2d filters, Linear neurons, timm-style attention heads, "
+                         "LSTM/GRU/RNN hidden units")
 
 
 def _producers(unit) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -175,6 +184,15 @@ def _attach(model: nn.Module, units: Sequence, acc: _Sums, relu_heads: bool, gro
                 o = inp[0]
                 acc.add(key, head_divergence(o, att.qkv.weight, int(att.num_heads), relu_heads), o.shape[0])
             handles.append(proj.register_forward_pre_hook(pre_hook))
+            continue
+        if kind == "recurrent":
+            own = u.producers[0]
+            plans[u.name] = [(u.name, own.idxs, own.root_idxs)]
+
+            def rnn_hook(md, _inp, out, key=f"{u.name}#0"):
+                y = output_sequence(md, out)
+                acc.add(key, neuron_divergence(y, unit_rows(md), relu=False), y.shape[0])
+            handles.append(m.register_forward_hook(rnn_hook))
             continue
         prods = _producers(u)
         if group_reduce == "root":

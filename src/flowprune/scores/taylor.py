@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from flowprune.recurrent import is_recurrent, unit_rows
 from flowprune.scores.base import Score, cross_entropy_sum, device_of, modules_of, register_score
 
 
@@ -28,11 +29,15 @@ class Taylor(Score):
         for u in units:
             for m in u.producers + u.norms:
                 mod = mods[m.module_name]
+                if is_recurrent(mod):  # every gate row of the hidden unit, in every layer and direction
+                    entries.extend((u, m, p) for p in mod.parameters())
+                    continue
                 for pname in ("weight", "bias"):
                     p = getattr(mod, pname, None)
                     if isinstance(p, nn.Parameter):
                         entries.append((u, m, p))
         params = list({id(p): p for _, _, p in entries}.values())
+        names = {id(p): n.rpartition(".")[2] for n, p in model.named_parameters()}
         for p in params:
             p.requires_grad_(True)
         totals = {u.name: torch.zeros(u.size, dtype=torch.float64) for u in units}
@@ -46,7 +51,12 @@ class Taylor(Score):
                     g = grads[id(p)]
                     if g is None:
                         continue
-                    gw = (g.detach() * p.detach()).double().cpu()[m.idxs]
+                    gw = (g.detach() * p.detach()).double().cpu()
+                    if is_recurrent(mods[m.module_name]):
+                        rows = unit_rows(mods[m.module_name], {names[id(p)]: gw})
+                        per[u.name].index_add_(0, m.root_idxs, rows[m.idxs].sum(1))
+                        continue
+                    gw = gw[m.idxs]
                     per[u.name].index_add_(0, m.root_idxs, gw.flatten(1).sum(1) if gw.dim() > 1 else gw)
                 for k, v in per.items():
                     totals[k] += v ** 2
