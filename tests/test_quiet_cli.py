@@ -36,6 +36,12 @@ def test_a_warning_is_logged_once_per_run_short_and_kept_in_full(caplog):
     assert notices.recorded() == []  # outside the run
 
 
+def test_a_short_reason_follows_its_name_when_every_name_is_shown():
+    assert notices.short_text("left intact", ["a", "b"], {"a": "why a", "b": "x" * 101}) == \
+        "left intact: 2 (a: why a; b)"
+    assert notices.short_text("left intact", []) == "left intact"
+
+
 def test_nested_collectors_share_the_run(caplog):
     with caplog.at_level(logging.WARNING, logger=LOG.name), notices.collect() as outer:
         with notices.collect() as inner:
@@ -65,7 +71,7 @@ def test_prune_warns_once_and_records_the_full_list(digits_data, caplog):
     cannot = [r.getMessage() for r in caplog.records if "cannot cut" in r.getMessage()]
     (w,) = [w for w in res.warnings if "cannot cut" in w["message"]]
     # 3 steps, each re-analysing the model: one line, short (names, not the reasons)
-    assert cannot == [notices.short_text(w["message"], w["items"])]
+    assert cannot == [notices.short_text(w["message"], w["items"], w["reasons"])]
     assert w["items"] == ["spare1", "spare2", "spare3"] and w["count"] == 3
     assert all("not reached when tracing" in w["reasons"][n] for n in w["items"])
     assert "not reached" not in cannot[0]

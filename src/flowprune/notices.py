@@ -20,15 +20,21 @@ import logging
 from collections.abc import Iterator, Mapping, Sequence
 
 SHOWN = 3  # names printed in the short line
+SHORT_REASON = 100  # a reason up to this long is printed after its name (when all names are shown)
 _CURRENT: contextvars.ContextVar[list[dict] | None] = contextvars.ContextVar("flowprune_notices", default=None)
 _PROCESS: list[dict] = []  # what was warned outside any collector (deduplicated per process)
 
 
-def short_text(message: str, items: Sequence[str]) -> str:
-    """``message: N (a; b; c; ... full list in results.json)`` -- the line that is printed."""
+def short_text(message: str, items: Sequence[str], reasons: Mapping[str, str] | None = None) -> str:
+    """``message: N (a; b; c; ... full list in results.json)`` -- the line that is printed. With at
+    most :data:`SHOWN` names, a short reason (:data:`SHORT_REASON` characters at most) follows its name."""
     if not items:
         return message
-    head = "; ".join(items[:SHOWN])
+    shown = list(items[:SHOWN])
+    if len(items) <= SHOWN and reasons:
+        shown = [f"{n}: {reasons[n]}" if len(str(reasons.get(n, ""))) in range(1, SHORT_REASON + 1) else n
+                 for n in shown]
+    head = "; ".join(shown)
     more = f"; ... {len(items) - SHOWN} more, full list in results.json" if len(items) > SHOWN else ""
     return f"{message}: {len(items)} ({head}{more})"
 
@@ -47,7 +53,7 @@ def warn(logger: logging.Logger, message: str, items: Sequence[str] = (),
     if record in store:
         return False
     store.append(record)
-    logger.warning(short_text(message, items))
+    logger.warning(short_text(message, items, record.get("reasons")))
     return True
 
 
