@@ -1,7 +1,8 @@
 """Benchmark: torch's thread default vs flowprune's (idle cores) with one other busy process (issue 23).
 
     python -m benchmarks.bench_threads                 # writes docs/results/threads.json and threads.md
-    python -m benchmarks.bench_threads --rounds 3 --steps 4
+    python -m benchmarks.bench_threads --rounds 3 --steps 2 --settle 5   # what docs/results/threads.json holds
+    python -m benchmarks.bench_threads --from-json     # threads.md again from threads.json
 
 One busy process (a ``while True`` loop, ending with this process) runs beside the whole measurement. The
 workload is a short fine-tune: ``--steps`` SGD steps (forward + backward + update) of a CIFAR-style
@@ -52,7 +53,7 @@ def _workload(steps: int) -> float:
     return time.perf_counter() - t0
 
 
-def measure(rounds: int, steps: int, cores: int, settle: float) -> dict:
+def measure(rounds: int, steps: int, cores: int, settle: float, command: str = COMMAND) -> dict:
     from flowprune import threads
 
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", threads.ENV_VAR)}
@@ -76,7 +77,7 @@ def measure(rounds: int, steps: int, cores: int, settle: float) -> dict:
         busy.kill()
         busy.wait()
     med = {a: statistics.median(v) for a, v in times.items()}
-    return {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "command": COMMAND,
+    return {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "command": command,
             "rounds": rounds, "steps": steps, "cores": cores, "cpus": threads.usable_cpus(),
             "load_before": load_before, "load_after": load_after, "flowprune_choice_reason": why,
             "threads": arms, "seconds": times, "median_seconds": med,
@@ -108,13 +109,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cores", type=int, default=None, help="torch's default count (default: the usable CPUs)")
     ap.add_argument("--settle", type=float, default=20.0, help="seconds the busy process runs before the choice")
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--from-json", action="store_true", help="only rewrite threads.md from OUT/threads.json")
     args = ap.parse_args(argv)
     from flowprune.threads import usable_cpus
 
-    res = measure(args.rounds, args.steps, args.cores or usable_cpus(), args.settle)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "threads.json").write_text(json.dumps(res, indent=1) + "\n")
+    if args.from_json:
+        res = json.loads((out / "threads.json").read_text())
+    else:
+        argv = sys.argv[1:] if argv is None else argv
+        res = measure(args.rounds, args.steps, args.cores or usable_cpus(), args.settle,
+                      " ".join([COMMAND, *argv]))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "threads.json").write_text(json.dumps(res, indent=1) + "\n")
     (out / "threads.md").write_text(render(res))
     print(render(res))
     return 0

@@ -5,10 +5,9 @@ Each test starts the command in a child process (``os.fork`` of the test process
 not imported again: a fresh interpreter costs ~6 s here; one test uses a real ``python -m
 flowprune`` subprocess), waits until the command has written its N-th checkpoint file (the child
 blocks right after that write, or, for the ``during`` tests, after the temporary file is written
-and before its rename), SIGKILLs it,
-then runs the same command again in-process. The rerun must say that it resumes, finish, and
-leave the same results.json numbers and bit-identical weights as an uninterrupted run of the
-same command in another directory. A third run must say the run is already finished, and the
+and before its rename), SIGKILLs it, then runs the same command again in-process. The rerun must
+say that it resumes, finish, and leave the same results.json numbers (and run files) and
+bit-identical weights as an uninterrupted run of the same command in another directory. A third run must say the run is already finished, and the
 same --out with other options must be refused.
 """
 
