@@ -381,3 +381,106 @@ def test_out_with_results_of_an_unknown_run_is_refused(tmp_path, capsys):
     assert "results.json of an earlier run" in capsys.readouterr().err
     assert main(argv + ["--overwrite"]) == 0
     assert (out / "notes.txt").read_text() == "mine"  # --overwrite removes only flowprune's outputs
+
+
+# ------------------------------------------------------------------------------ plugins, threads, save (issue 23)
+
+
+PLUGINS = {
+    "raises": ("bad_plugin_raises.py", "import math\nraise RuntimeError('boom: the plugin is broken')\n",
+               "RuntimeError: boom: the plugin is broken"),
+    "syntax": ("bad_plugin_syntax.py", "def f(:\n    pass\n", "SyntaxError"),
+    "missing-dependency": ("bad_plugin_dep.py", "import flowprune_no_such_dependency_xyz\n",
+                           "No module named 'flowprune_no_such_dependency_xyz'"),
+}
+
+
+@pytest.mark.parametrize("kind", list(PLUGINS))
+def test_a_plugin_that_fails_to_import_is_one_line(kind, tmp_path, monkeypatch, capsys):
+    fname, code, needle = PLUGINS[kind]
+    plugin = tmp_path / fname
+    plugin.write_text(code)
+    monkeypatch.setenv("FLOWPRUNE_PLUGINS", str(plugin))
+    out = tmp_path / "out"
+    argv = ["train", "--model", "lenet300", "--data", "digits", "--epochs", "1", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("flowprune: error: plugin ") and str(plugin) in lines[0] and needle in lines[0]
+    assert not out.exists()
+    # --debug: the traceback (the plugin's own exception is the cause)
+    with pytest.raises(Exception) as info:
+        main(["--debug"] + argv)
+    assert needle.split(":")[0] in repr(info.value.__cause__) and not out.exists()
+
+
+def test_a_failing_plugin_module_by_name_is_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "bad_plugin_mod_xyz.py").write_text("raise ValueError('bad value in my plugin')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("FLOWPRUNE_PLUGINS", "bad_plugin_mod_xyz")
+    assert main(["train", "--help"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "plugin 'bad_plugin_mod_xyz' failed to import: ValueError: bad value in my plugin" in err
+
+
+def test_a_failing_entry_point_plugin_is_one_line(monkeypatch, capsys):
+    import importlib.metadata as md
+
+    class EP:
+        name, value = "broken", "broken_pkg.plugin"
+
+        def load(self):
+            raise ImportError("cannot import name 'Score' from 'flowprune.scores'")
+    monkeypatch.setattr(md, "entry_points", lambda group=None: [EP()] if group == "flowprune.plugins" else [])
+    monkeypatch.delenv("FLOWPRUNE_PLUGINS", raising=False)
+    assert main(["train", "--help"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "broken = broken_pkg.plugin (entry point)" in err and "ImportError" in err
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "many", "1.5", "100000"])
+def test_bad_flowprune_threads_is_one_line(value, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FLOWPRUNE_THREADS", value)
+    n = torch.get_num_threads()
+    out = tmp_path / "out"
+    assert main(["train", "--model", "lenet300", "--data", "digits", "--epochs", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"FLOWPRUNE_THREADS must be an integer in [1, 1024], got {value!r}" in err
+    assert not out.exists() and torch.get_num_threads() == n
+
+
+def test_save_without_base_for_an_unknown_model_class_names_base(tmp_path):
+    from torch import nn
+
+    from flowprune.errors import FlowpruneError
+
+    class Mine(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x)
+    for model in (Mine(), nn.Sequential(nn.Linear(4, 3))):
+        with pytest.raises(FlowpruneError) as info:
+            io.save(model, tmp_path / "m")
+        msg = str(info.value)
+        assert type(model).__name__ in msg and "base={'name': NAME, 'input_shape': [C, H, W]" in msg
+        assert "flowprune.build_model" in msg and len(msg.splitlines()) == 1
+    assert not (tmp_path / "m").exists()
+    with pytest.raises(FlowpruneError, match="must be a torch nn.Module"):
+        io.save("not a model", tmp_path / "m")
+
+
+def test_save_without_base_for_an_edited_torchvision_model_names_base(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    from flowprune.errors import FlowpruneError
+
+    m = torchvision.models.mnasnet0_5(num_classes=4)
+    m.classifier[1] = torch.nn.Linear(1280, 4, bias=False)  # no torchvision builder makes this
+    with pytest.raises(FlowpruneError, match=r"cannot infer base for torchvision\.models\.mnasnet\.MNASNet.*"
+                                             r"tried tv:mnasnet0_5.*base="):
+        io.save(m, tmp_path / "m")
+    assert not (tmp_path / "m").exists()

@@ -64,7 +64,7 @@ def test_paired_standard_error_and_confidence_bound():
 
     x = torch.arange(100).float().view(-1, 1)
     batches = [(x, torch.zeros(100, dtype=torch.long))]
-    plain = BudgetMeter(Fixed(0), batches, Budget(max_drop=0.01), (1,))
+    plain = BudgetMeter(Fixed(0), batches, Budget(max_drop=0.01, confidence_z=0), (1,))
     strict = BudgetMeter(Fixed(0), batches, Budget(max_drop=0.01, confidence_z=2.0), (1,))
     q, qs = plain.quality(Fixed(1)), strict.quality(Fixed(1))  # one sample wrong: drop 0.01
     assert q["drop"] == pytest.approx(0.01) and q["within"]
@@ -145,3 +145,26 @@ def test_mnist5k_split_sizes():
     data = load_dataset("mnist5k", seed=0)
     a, b = split_validation(data.val, 0)
     assert len(a) == len(b) == 250
+
+
+def test_budget_and_config_share_one_confidence_default():
+    import dataclasses
+
+    from flowprune.pruning.idap import CONFIDENCE_Z
+
+    assert Budget().confidence_z == IdapConfig().confidence_z == CONFIDENCE_Z == 1.0
+    # every Budget field has IdapConfig's default, so Budget() is what IdapConfig().budget() builds
+    assert dataclasses.asdict(Budget()) == dataclasses.asdict(IdapConfig().budget())
+
+
+def test_rejected_stage2_steps_record_the_kept_models_test_accuracy(trained_resnet20_digits, digits_data):
+    # an output error of 0 can never be met: every block removal is rejected, the dense model is kept
+    res = idap(trained_resnet20_digits, digits_data, stages=(2,), max_drop=None, max_output_error=0.0,
+               **SMALL)
+    rejected = [s for s in res.steps if s.get("stage") == 2 and not s["accepted"]]
+    assert rejected and len(rejected) == len([s for s in res.steps if s.get("stage") == 2])
+    for s in rejected:
+        # the kept model is the dense one: its test accuracy, like its validation accuracy
+        assert s["test_accuracy"] == res.dense["test_accuracy"] and s["test_drop"] == 0.0
+        assert s["accuracy"] == res.dense["accuracy"]
+        assert 0.0 <= s["rejected_test_accuracy"] <= 1.0 and "rejected_test_drop" in s

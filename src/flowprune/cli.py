@@ -38,7 +38,8 @@ def _command_modules():
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    common.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    common.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: $FLOWPRUNE_THREADS, else $OMP_NUM_THREADS, else the cores "
+                             "not busy by the load average, at most torch's default; see flowprune.threads)")
     common.add_argument("--no-report", action="store_true", help="do not write OUT/report.html after the command")
     from flowprune.commands._common import add_runtime_arguments
 
@@ -55,6 +56,30 @@ def build_parser() -> argparse.ArgumentParser:
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser
+
+
+def _record_warnings(args: argparse.Namespace, warned: list[dict]) -> None:
+    """Add the run's warnings, in full, to ``OUT/results.json`` (``warnings``; printed short, once)."""
+    from pathlib import Path
+
+    out = getattr(args, "out", None)
+    path = Path(out) / "results.json" if out else None
+    if not warned or path is None or not path.is_file():
+        return
+    import json
+
+    from flowprune.report import write_results
+
+    try:
+        res = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(res, dict):
+        return
+    merged = list(res.get("warnings") or [])
+    merged += [w for w in warned if w not in merged]
+    if merged != res.get("warnings"):
+        write_results(path, {**res, "warnings": merged})
 
 
 def _write_report(args: argparse.Namespace) -> None:
@@ -83,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
 
         load_plugins()
     except FlowpruneError as e:
+        if "--debug" in argv:
+            raise
         print(f"flowprune: error: {e}", file=sys.stderr)
         return 2
     parser = build_parser()
@@ -91,26 +118,25 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     debug = bool(getattr(args, "debug", False))
-    from flowprune import distributed
+    from flowprune import distributed, notices
 
     scratch = None
     try:
-        if args.threads is not None:
-            if args.threads < 1:
-                raise FlowpruneError(f"--threads must be a positive integer, got {args.threads}")
-            import torch
+        from flowprune.threads import configure
 
-            torch.set_num_threads(args.threads)
+        configure(args.threads)  # --threads, FLOWPRUNE_THREADS, OMP_NUM_THREADS, else the idle cores
         from flowprune.device import check_amp, resolve_device, use
 
         dev = resolve_device(args.device if args.device is not None else "auto")  # before any work
         amp = check_amp(args.amp, dev)
         distributed.init_from_env(dev)
         scratch = _rank_scratch(args)
-        with use(dev, amp), _quiet_unless_main():
+        with use(dev, amp), _quiet_unless_main(), notices.collect() as warned:
             rc = int(args._run(args) or 0)
-        if rc == 0 and not getattr(args, "no_report", False) and distributed.is_main():
-            _write_report(args)
+        if rc == 0 and distributed.is_main():
+            _record_warnings(args, warned)
+            if not getattr(args, "no_report", False):
+                _write_report(args)
         return rc
     except FlowpruneError as e:
         if debug:

@@ -41,6 +41,7 @@ import math
 import os
 import re
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -152,14 +153,20 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict | None = N
         model: a model built by :func:`flowprune.build_model` (possibly pruned), or any model
             when ``base`` is given.
         metadata: JSON-safe extra information stored in the recipe (method, cuts, results).
-        base: ``{"name", "input_shape", "num_classes", "kwargs"}``; defaults to ``model.flowprune_base``.
+        base: ``{"name", "input_shape", "num_classes", "kwargs"}``; defaults to ``model.flowprune_base``,
+            else, for a model built directly with torchvision or timm, the ``tv:NAME`` / ``timm:NAME``
+            recipe that rebuilds its layers (:func:`flowprune.models.infer.infer_base`; input shape
+            ``(C, 224, 224)`` unless the model records its image size). Any other model needs ``base``.
     """
     from safetensors.torch import save_file
 
+    if not isinstance(model, nn.Module):
+        raise FlowpruneError(f"model must be a torch nn.Module, got {type(model).__name__}")
     base = base or getattr(model, "flowprune_base", None)
-    if base is None:
-        raise FlowpruneError("the model has no flowprune_base: build it with flowprune.build_model(...) "
-                             "or pass base={'name':..., 'input_shape':..., 'num_classes':..., 'kwargs':{}}")
+    if base is None:  # built directly with torchvision / timm: the tv:NAME / timm:NAME that rebuilds it
+        from flowprune.models.infer import infer_base
+
+        base = infer_base(model)
     out = Path(path)
     if out.suffix == ".json" or out.suffix == ".safetensors":
         out = out.parent
@@ -655,7 +662,11 @@ def model_from_tensors(recipe: dict, tensors: dict[str, torch.Tensor], *, where:
             raise FlowpruneError(f"{w}: saved tensor {k!r} has dtype {v.dtype}; expected floats (or integer counters)")
     model = rebuild(recipe, {k: tuple(v.shape) for k, v in tensors.items()}, where=where)
     try:
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        # the rebuilt model's own per-module state-dict versions (``_metadata``): a plain dict has none,
+        # and some modules refuse to load without one (torchvision MNASNet: "version should be set to 1 or 2")
+        sd = OrderedDict(tensors)
+        sd._metadata = getattr(model.state_dict(), "_metadata", OrderedDict())  # type: ignore[attr-defined]
+        missing, unexpected = model.load_state_dict(sd, strict=False)
     except Exception as e:
         raise FlowpruneError(f"{w}: weights do not fit the recipe: {type(e).__name__}: {str(e)[:300]}") from None
     if missing or unexpected:

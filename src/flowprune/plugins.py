@@ -45,10 +45,23 @@ def _import_file(path: Path) -> ModuleType:
     sys.modules[name] = mod
     try:
         spec.loader.exec_module(mod)
-    except Exception:
+    except Exception as e:
         del sys.modules[name]
-        raise
+        raise _failed(str(path), e) from e
     return mod
+
+
+def _failed(name: str, e: BaseException) -> FlowpruneError:
+    """One line naming the plugin and what its import raised (the traceback stays in ``__cause__``)."""
+    where = ""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is not None:
+        where = f" at {Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}"
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return FlowpruneError(f"plugin {name!r} failed to import: {type(e).__name__}{': ' + msg if msg else ''}{where}; "
+                          f"fix it or remove it from {ENV_VAR} (--debug shows the traceback)")
 
 
 def load_plugin(spec: str) -> ModuleType:
@@ -67,8 +80,12 @@ def load_plugin(spec: str) -> ModuleType:
         try:
             mod = importlib.import_module(spec)
         except ModuleNotFoundError as e:
+            if e.name is not None and spec != e.name and not spec.startswith(e.name + "."):
+                raise _failed(spec, e) from e  # the plugin exists; something it imports does not
             raise FlowpruneError(f"plugin module {spec!r} cannot be imported ({e}); check {ENV_VAR} or install "
                                  "the package that provides it") from None
+        except Exception as e:
+            raise _failed(spec, e) from e
     _LOADED[spec] = mod
     return mod
 
@@ -86,6 +103,9 @@ def load_plugins(specs: str | list[str] | None = None, *, entry_points: bool = T
 
         for ep in eps(group=ENTRY_POINT_GROUP):
             if ep.value not in _LOADED:
-                _LOADED[ep.value] = ep.load()
+                try:
+                    _LOADED[ep.value] = ep.load()
+                except Exception as e:
+                    raise _failed(f"{ep.name} = {ep.value} (entry point)", e) from e
                 mods.append(_LOADED[ep.value])
     return mods

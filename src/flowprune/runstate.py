@@ -3,7 +3,11 @@
 A :class:`RunState` owns a checkpoint directory. After every finished step a procedure calls
 :meth:`RunState.save` with its state (a JSON-safe dict) and, optionally, the model: the model is
 written first (flowprune.io format, atomic), then ``state.json`` (atomic rename), so a crash at
-any point loses at most the step in flight. :meth:`RunState.load` returns the last saved state,
+any point loses at most the step in flight. The model and the state stay a pair: a model saved
+again under the same name goes to the other of two directories (``NAME`` / ``NAME.alt``) and
+``state.json`` records which one belongs to it (``_models``), so a kill after the model's write
+and before the state's leaves the state with its own model, not the newer one; the directory the
+state no longer names is removed after the state is written. :meth:`RunState.load` returns the last saved state,
 or ``None`` for a fresh directory, and refuses a directory written by a run with other settings
 (the error names the file and the fix). Under torchrun only rank 0 writes.
 
@@ -21,6 +25,8 @@ from typing import Any
 from flowprune.config import jsonable
 from flowprune.errors import FlowpruneError
 from flowprune.report.results import write_results
+
+ALT_SUFFIX = ".alt"  # the second directory of a model saved again under the same name
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
@@ -43,6 +49,7 @@ class RunState:
         self.procedure = procedure
         self.config = jsonable(config)
         self.file = self.dir / state_file
+        self._models: dict[str, str] = {}  # model name -> the directory the saved state belongs with
 
     def load(self) -> dict | None:
         """The last saved state, or ``None`` when the directory holds none."""
@@ -56,6 +63,8 @@ class RunState:
         if not isinstance(state, dict) or state.get("config") != self.config:
             raise FlowpruneError(f"checkpoint {self.file} was written by a {self.procedure} run with other "
                                  "arguments (other settings); use a fresh checkpoint directory or the same arguments")
+        models = state.pop("_models", {})
+        self._models = {str(k): str(v) for k, v in models.items()} if isinstance(models, dict) else {}
         return state
 
     def save(self, state: dict, model=None, *, model_name: str = "model", metadata: dict | None = None) -> None:
@@ -65,14 +74,26 @@ class RunState:
         if not is_main():
             return
         self.dir.mkdir(parents=True, exist_ok=True)
+        models = dict(self._models)
         if model is not None:
             from flowprune import io
 
-            io.save(model, self.dir / model_name, metadata=metadata or {"method": self.procedure, "checkpoint": True})
-        write_results(self.file, {**jsonable(state), "config": self.config})
+            alt = model_name + ALT_SUFFIX
+            target = alt if models.get(model_name) == model_name else model_name  # not the state's own copy
+            io.save(model, self.dir / target, metadata=metadata or {"method": self.procedure, "checkpoint": True})
+            models[model_name] = target
+        write_results(self.file, {**jsonable(state), "config": self.config, "_models": models})
+        self._models = models
+        if model is not None:
+            import shutil
+
+            stale = self.dir / (model_name if models[model_name] != model_name else model_name + ALT_SUFFIX)
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
 
     def load_model(self, model_name: str = "model"):
-        """The model saved under ``model_name`` (flowprune.io format; no code runs from the file)."""
+        """The model saved under ``model_name`` with the loaded state (flowprune.io format; no code
+        runs from the file)."""
         from flowprune import io
 
-        return io.load(self.dir / model_name)
+        return io.load(self.dir / self._models.get(model_name, model_name))

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from flowprune import unit_kinds
+from flowprune import notices, unit_kinds
 from flowprune.errors import FlowpruneError, bad_choice
 
 log = logging.getLogger(__name__)
@@ -864,8 +864,8 @@ def _add_graph_reasons(model: nn.Module, dg, reasons: dict[str, str], excluded: 
             reasons[n] = ("not reached when tracing the model with the example input (eval and train mode); its "
                           "input channels cannot be followed, so cuts feeding it may not fit")
     if reasons:
-        log.warning("flowprune cannot cut these layers; they and every layer coupled to them are left intact: %s",
-                    "; ".join(f"{n} ({r})" for n, r in reasons.items()))
+        notices.warn(log, "flowprune cannot cut these layers; they and every layer coupled to them are left intact",
+                     list(reasons), reasons)
 
 
 class _ChannelGroups:
@@ -916,7 +916,8 @@ class _ChannelGroups:
             if why is not None:
                 units.unsupported.append(root_name)
                 units.reasons[root_name] = why
-                log.warning("channels of %s are left intact: %s", root_name, why)
+                notices.warn(log, "channels left intact (indices cannot be cut consistently)", [root_name],
+                             {root_name: why})
                 continue
             producers, norms, consumers = _dedupe(producers), _dedupe(norms), _dedupe(consumers)
             if classes is not None:
@@ -979,8 +980,8 @@ def _add_head_units(units: UnitList, named: dict[str, nn.Module], order: dict[st
             continue
         m = named[a]
         if isinstance(getattr(m, "norm", None), nn.Module) and not isinstance(m.norm, (nn.Identity, nn.LayerNorm)):
-            log.warning("attention %s has an unsupported scale norm %s; its heads are left intact", a,
-                        type(m.norm).__name__)
+            notices.warn(log, "attention heads left intact (unsupported scale norm)", [a],
+                         {a: type(m.norm).__name__})
             units.unsupported.append(f"{a}.norm")
             units.reasons[f"{a}.norm"] = f"attention scale norm of type {type(m.norm).__name__} has no head rule"
             continue
@@ -1005,7 +1006,7 @@ def _without_trial_failures(model: nn.Module, example_inputs: torch.Tensor, unit
     bad = trial_cuts(model, example_inputs, units, kinds=kinds, ignored_layers=ignored_layers)
     if not bad:
         return units
-    log.warning("channels left intact (a trial cut breaks the model): %s", ", ".join(bad))
+    notices.warn(log, "channels left intact (a trial cut breaks the model)", list(bad), bad)
     keep = UnitList(u for u in units if u.name not in bad)
     keep.unsupported = units.unsupported + list(bad)
     keep.reasons = {**units.reasons, **bad}

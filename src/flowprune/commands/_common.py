@@ -31,10 +31,10 @@ from pathlib import Path
 
 from flowprune.data import ON_BAD_IMAGE, DataSplits, available_datasets, load_dataset
 from flowprune.errors import FlowpruneError, check_positive_int
+from flowprune.threads import MAX_THREADS  # noqa: F401 -- re-exported
 from flowprune.train import TrainConfig
 
 RUN_STATE_FILE = "flowprune_run.json"
-MAX_THREADS = 1024
 # argparse entries that do not change what a run computes
 NOT_OPTIONS = frozenset({"_run", "debug", "threads", "overwrite", "no_resume", "command", "no_report", "device"})
 # what flowprune commands write into OUT (removed by --overwrite when OUT was not created by the run)
@@ -56,13 +56,9 @@ def _one_line_error(parser: argparse.ArgumentParser):
 
 def check_threads(value: object) -> int:
     """``--threads``: an integer in [1, MAX_THREADS] (CLI-only option, validated here)."""
-    try:
-        v = int(str(value).strip())
-    except ValueError:
-        raise FlowpruneError(f"--threads must be an integer in [1, {MAX_THREADS}], got {value!r}") from None
-    if not 1 <= v <= MAX_THREADS:
-        raise FlowpruneError(f"--threads must be an integer in [1, {MAX_THREADS}], got {value!r}")
-    return v
+    from flowprune.threads import check_threads as check
+
+    return check(value)
 
 
 def _threads_type(text: str) -> int:

@@ -180,4 +180,6 @@ def _save_and_print(args, out, data, res, results: dict) -> None:
                          "MACs x": results["macs_reduction"], "params": res.params,
                          "latency b1 ms": results.get("latency_ms_b1")}]))
     if res.unsupported:
-        print(f"left intact (flowprune cannot cut them): {', '.join(res.unsupported)}")
+        from flowprune.notices import short_text
+
+        print(short_text("left intact (flowprune cannot cut them)", res.unsupported))

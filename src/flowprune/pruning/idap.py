@@ -84,6 +84,9 @@ def schedule_fraction(t: int, p0: float = 0.05, T: int = 10, alpha: float = 1.5)
 
 
 # ------------------------------------------------------------------------------------------ budget
+CONFIDENCE_Z = 1.0  # the one default of Budget.confidence_z and IdapConfig.confidence_z
+
+
 @dataclass
 class Budget:
     """What a pruned model must satisfy, and when to stop early.
@@ -97,13 +100,14 @@ class Budget:
         target_params: the same for parameters.
         confidence_z: accept an accuracy drop only when ``drop + confidence_z * se <= max_drop``
             (``se``: standard error of the paired accuracy difference); 0 = the point estimate.
+            Default :data:`CONFIDENCE_Z` (1), as :class:`IdapConfig`.
     """
 
     max_drop: float | None = 0.01
     max_output_error: float | None = None
     target_macs: float | None = None
     target_params: float | None = None
-    confidence_z: float = 0.0
+    confidence_z: float = CONFIDENCE_Z
 
     def validate(self) -> Budget:
         if self.max_drop is None and self.max_output_error is None:
@@ -317,7 +321,7 @@ class IdapConfig(ProcedureConfig):
     max_output_error: float | None = None
     target_macs: float | None = None
     target_params: float | None = None
-    confidence_z: float = 1.0
+    confidence_z: float = CONFIDENCE_Z
     val_split: str = "split"
     track_test: bool = True
     p0: float = 0.05
@@ -530,6 +534,7 @@ class _Run:
     bar: _Bar
     last_model: nn.Module | None = None
     _scores: tuple | None = None  # (model, units, scores) of the last scored model: reused by a retry
+    _kept_test: tuple | None = None  # (model, test stats) of the model stage 2 keeps
 
     @classmethod
     def build(cls, ref: nn.Module, data: DataSplits, calib: list, cfg: IdapConfig, progress) -> _Run:
@@ -544,6 +549,13 @@ class _Run:
             return {}
         q = self.test_meter.quality(model)
         return {"test_accuracy": q["accuracy"], "test_drop": q["drop"]}
+
+    def kept_test_stats(self, model: nn.Module) -> dict:
+        """:meth:`test_stats` of the model a rejected stage-2 step keeps (its ``accuracy`` is that
+        model's too), measured once per kept model."""
+        if self._kept_test is None or self._kept_test[0] is not model:
+            self._kept_test = (model, self.test_stats(model))
+        return self._kept_test[1]
 
     # -- the run -------------------------------------------------------------------------------
     def execute(self, dense: nn.Module, base: dict | None, checkpoint_dir, no_blocks: str | None) -> IdapResult:
@@ -773,12 +785,14 @@ class _Run:
                 "recovered": bool(recovered)}
         if stats["within"]:
             current = stats | _sizes(self.meter, cand)  # = self.meter.measure(cand), without a second pass
-            step.update(accepted=True, **_public(current), **self.test_stats(cand))
+            self._kept_test = (cand, self.test_stats(cand))
+            step.update(accepted=True, **_public(current), **self._kept_test[1])
             model = cand
             state["removed"].append(b.name)
         else:
             test = self.test_stats(cand)
-            step.update({**_public(current), "accepted": False, "rejected_accuracy": stats["accuracy"],
+            step.update({**_public(current), **self.kept_test_stats(model), "accepted": False,
+                         "rejected_accuracy": stats["accuracy"],
                          "rejected_drop_bound": stats["drop_bound"], "rejected_output_error": stats["output_error"],
                          "violations": stats["violations"]},
                         **{"rejected_" + k: v for k, v in test.items()})

@@ -127,6 +127,7 @@ class PruneResult(ProcedureResult):
     ``history``: one dict per step: step, target (reduction or ratio of that step), macs,
     params, reduction (vs the dense model), widths, plan_note, acc_cut (right after the cut),
     acc_bn (after BatchNorm re-estimation), acc_ft (after fine-tune), seconds_* timings.
+    ``warnings``: every warning of the run in full (:mod:`flowprune.notices`), each once.
     """
 
     model: nn.Module
@@ -139,6 +140,7 @@ class PruneResult(ProcedureResult):
     method: str = "agf"
     config: dict = field(default_factory=dict)
     unsupported: list[str] = field(default_factory=list)
+    warnings: list[dict] = field(default_factory=list)
 
     @property
     def reduction(self) -> float:
@@ -147,7 +149,8 @@ class PruneResult(ProcedureResult):
     def to_dict(self) -> dict:
         return {"method": self.method, "macs": self.macs, "params": self.params, "dense_macs": self.dense_macs,
                 "dense_params": self.dense_params, "reduction": self.reduction, "widths": dict(self.widths),
-                "history": self.history, "config": self.config, "unsupported_layers": list(self.unsupported)}
+                "history": self.history, "config": self.config, "unsupported_layers": list(self.unsupported),
+                "warnings": [dict(w) for w in self.warnings]}
 
 
 def _check_data(data, model) -> None:
@@ -226,8 +229,13 @@ def prune(model: nn.Module, data, config: PruneConfig | dict | str | None = None
     cfg = PruneConfig.resolve(config, overrides)
     if not isinstance(model, nn.Module):
         raise FlowpruneError(f"model must be a torch nn.Module, got {type(model).__name__}")
-    run = _PruneRun(model, data, cfg, device=device, amp=amp, checkpoint_dir=checkpoint_dir, progress=progress)
-    return run.execute(on_step=on_step)
+    from flowprune import notices
+
+    with notices.collect() as warned:  # each warning once per run; the full list in the result
+        run = _PruneRun(model, data, cfg, device=device, amp=amp, checkpoint_dir=checkpoint_dir, progress=progress)
+        res = run.execute(on_step=on_step)
+    res.warnings = [dict(w) for w in warned]
+    return res
 
 
 def resolve_steps(steps: int | str, target: float | None) -> int:
