@@ -17,14 +17,17 @@ function of its input and output channel counts. flowprune does the same:
   points the time is interpolated bilinearly; the grid is made monotone (fewer channels never
   cost more) so noise cannot make a cut look slower.
 * **The rest.** The whole model is timed once at full width; what the tables do not explain
-  (activations, additions, pooling, Python overhead) is a constant ``rest_s``. The prediction is
-  ``sum(layer times at the widths) + rest_s``; it under-predicts the speed-up where the rest
-  shrinks with the channels, which the planner corrects by measuring the cut model
+  (activations, additions, pooling, per-call overhead: on one CPU thread a third of ResNet-18's
+  time at batch 1) is assumed to shrink with the layers around it: the prediction is
+  ``scale * sum(layer times at the widths)`` with ``scale = full_s / sum(layer times at full
+  width)``. Where the rest does not shrink (fixed per-call overhead at batch 1) this
+  over-predicts the speed-up, which the planner corrects by measuring the cut model
   (:mod:`flowprune.plan_latency`).
 * **Width multiple.** Kernels run some channel counts faster than others (a multiple of 8 or 16
-  fills a vector register or a tensor-core tile). :func:`probe_multiple` measures, on the
-  layer with the most MACs, the time per MAC of widths that are multiples of each candidate
-  (1, 2, 4, 8, 16, 32) but not of twice it, and picks the smallest candidate within 10% of the
+  fills a vector register or a tensor-core tile). :func:`probe_multiple` measures, on a wide
+  layer with many MACs, the time per MAC at ``W - m`` channels for each candidate ``m`` (1, 2,
+  4, 8, 16, 32; ``W`` a multiple of 64 near half the layer's width, so ``W - m`` is a multiple of
+  ``m`` but not of ``2m``) and at ``W`` itself, and picks the smallest ``m`` within 10% of the
   best. Kept widths are then multiples of it.
 * **Cache.** Built once per (architecture signature, device name, batch size, backend, torch
   version) and kept as JSON (no pickle) in ``$FLOWPRUNE_CACHE_DIR/latency`` (default
@@ -211,8 +214,10 @@ class DeviceTimer:
     """Times layers and models on ``device`` at ``batch_size`` with :mod:`flowprune.timing`."""
 
     def __init__(self, device, batch_size: int, backend: str = "eager", *, rounds: int = 3, warmup: int = 1,
-                 min_round_s: float = 0.02, model_rounds: int = 7):
+                 min_round_s: float | None = None, model_rounds: int = 7):
         self.device, self.batch_size, self.backend = torch.device(device), batch_size, backend
+        if min_round_s is None:  # a GPU kernel takes microseconds: shorter rounds suffice
+            min_round_s = 0.02 if self.device.type == "cpu" else 0.005
         self.rounds, self.warmup, self.min_round_s, self.model_rounds = rounds, warmup, min_round_s, model_rounds
 
     def layers(self, points: Mapping[str, tuple[LayerSpec, int, int]]) -> dict[str, float]:
@@ -330,7 +335,7 @@ def unit_rules(units: Sequence, multiple: int, min_width: int) -> tuple[dict[str
 class LatencyModel:
     """Predicted seconds of one forward at batch ``key["batch_size"]`` as a function of unit widths.
 
-    ``latency(widths)`` = the layers' table times at the channel counts the widths give + ``rest_s``;
+    ``latency(widths)`` = ``scale`` times the layers' table times at the channel counts the widths give;
     ``speedup(widths)`` = ``latency({}) / latency(widths)`` (``{}``: every unit at full width).
     ``multiple``: kept widths are multiples of it; ``probe``: how it was chosen.
     """
@@ -343,7 +348,7 @@ class LatencyModel:
     layers: list[LayerCost]
     tables: dict[str, Table]
     full_s: float
-    rest_s: float
+    scale: float
     probe: dict = field(default_factory=dict)
     timer: object = field(default=None, repr=False)
     cache_file: str | None = None
@@ -353,7 +358,7 @@ class LatencyModel:
         return self.tables[layer.spec.key()](ci, co)
 
     def latency(self, widths: Mapping[str, int]) -> float:
-        return self.rest_s + sum(self.layer_time(lay, widths) for lay in self.layers)
+        return self.scale * sum(self.layer_time(lay, widths) for lay in self.layers)
 
     def speedup(self, widths: Mapping[str, int]) -> float:
         return self.latency({}) / max(self.latency(widths), 1e-12)
@@ -368,7 +373,7 @@ class LatencyModel:
 
     def summary(self) -> dict:
         return {"key": self.key, "multiple": self.multiple, "probe": self.probe, "full_s": self.full_s,
-                "rest_s": self.rest_s, "layers": len(self.layers), "tables": len(self.tables),
+                "scale": self.scale, "layers": len(self.layers), "tables": len(self.tables),
                 "cache_file": self.cache_file}
 
 
@@ -465,25 +470,21 @@ def probe_multiple(timer, layers: Sequence[LayerCost], candidates: Sequence[int]
                    tolerance: float = MULTIPLE_TOLERANCE) -> tuple[int, dict]:
     """The width multiple this device runs fast, chosen by measurement (see the module docstring).
 
-    On the conv / linear layer with the most MACs (one whose output a unit cuts; preferably a
-    square one whose input a unit cuts too), time one width per candidate ``m``: the odd multiple
-    of ``m`` nearest half the layer's width (an odd multiple: a multiple of ``m`` but not of
-    ``2m``; the input cut alike when the layer is square). The time per MAC of each is compared;
-    the smallest ``m`` within ``tolerance`` of the best wins. Returns ``(m, record)``.
+    The representative layer: the conv / linear with the most MACs among those whose output a
+    unit cuts and which are at least 256 (else 128) wide (square ones, whose input is cut alike, first).
+    Returns ``(m, record)``; the record holds the widths, seconds and time per MAC relative to the best.
     """
     cands = [lay for lay in layers if lay.out_per and not single_count(lay.spec) and lay.spec.kind in ("conv", "linear")]
     if not cands:
-        return 1, {"note": "no conv / linear layer to probe; multiple 1"}
-    square = [lay for lay in cands if lay.in_per and lay.spec.cin == lay.spec.cout]
-    rep = max(square or cands, key=lambda lay: lay.spec.macs(lay.spec.cin, lay.spec.cout))
+        return 1, {"note": "no conv / linear layer to probe; multiple 1", "chosen": 1}
+    wide = ([lay for lay in cands if lay.spec.cout >= 256] or [lay for lay in cands if lay.spec.cout >= 128]
+            or cands)
+    square = [lay for lay in wide if lay.in_per and lay.spec.cin == lay.spec.cout]
+    rep = max(square or wide, key=lambda lay: lay.spec.macs(lay.spec.cin, lay.spec.cout))
     s = rep.spec
-    widths = {}
-    for m in candidates:
-        k = max(1, int(round(s.cout / 2 / m)))
-        if m != max(candidates) and k % 2 == 0:
-            k = k + 1 if (k + 1) * m <= s.cout else k - 1
-        if 1 <= k * m <= s.cout and k >= 1:
-            widths[m] = k * m
+    top = max(64, 64 * int(round(s.cout / 2 / 64)))
+    widths = {m: top - m for m in candidates if 0 < top - m <= s.cout}
+    widths[2 * max(candidates)] = min(top, s.cout)
     points = {str(m): (s, w if (rep.in_per and s.cin == s.cout) else s.cin, w) for m, w in widths.items()}
     t = timer.layers(points)
     per_mac = {m: float(t[str(m)]) / max(s.macs(*points[str(m)][1:]), 1e-12) for m in widths}
@@ -528,9 +529,10 @@ def build_latency_model(model: nn.Module, units: Sequence, example: torch.Tensor
     tables = _tables(timer, layers, {"steps": steps, "floors": floors, "sizes": sizes}, cached)
     full_s = float(cached["full_s"]) if cached and cached.get("full_s") else _full_seconds(timer, model, example,
                                                                                            batch_size, dev)
-    lm = LatencyModel(key, multiple, sizes, steps, floors, layers, tables, full_s, 0.0, probe, timer,
+    lm = LatencyModel(key, multiple, sizes, steps, floors, layers, tables, full_s, 1.0, probe, timer,
                       str(path) if path is not None else None)
-    lm.rest_s = max(0.0, full_s - lm.latency({}))
+    modelled = lm.latency({})
+    lm.scale = full_s / modelled if modelled > 0 else 1.0
     if path is not None:
         data = lm.to_json()
         if cached and cached.get("multiple") != multiple and cached.get("probe", {}).get("chosen"):

@@ -77,7 +77,7 @@ class _Greedy:
         lm = self.lm
         w = {n: s for n, s in self.size.items()}
         cur = [lm.layer_time(lay, w) for lay in lm.layers]
-        total = lm.rest_s + sum(cur)
+        total = lm.scale * sum(cur)
         cand = {n: self._candidate(w, cur, n) for n in w}
         while total > target_s:
             live = [(c[0], c[1], n) for n, c in cand.items() if c is not None]
@@ -88,7 +88,7 @@ class _Greedy:
             w[n] = nw
             for i, t in new.items():
                 cur[i] = t
-            total -= saving
+            total -= lm.scale * saving
             for v in self.neighbours[n] | {n}:
                 if v in w:
                     cand[v] = self._candidate(w, cur, v)
