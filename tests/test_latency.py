@@ -197,3 +197,27 @@ def test_prune_to_a_speedup_end_to_end(net, target):
     assert lat["within_10pct"] == (abs(lat["measured_speedup_b1"] / target - 1) <= 0.10)
     assert res.model(x).shape == (1, 10)
     assert res.to_dict()["latency"]["target_speedup"] == target
+
+
+def test_prune_cli_target_speedup_reports_the_speedup(tmp_path, capsys, monkeypatch):
+    """The CLI path, with the fake timer in place of the device timer: the printed report and
+    results.json carry the latency record, and the tables land in --latency-cache."""
+    from flowprune import io
+    from flowprune.cli import main
+
+    monkeypatch.setattr("flowprune.latency.DeviceTimer", lambda device, batch_size, backend: FakeTimer())
+    torch.manual_seed(0)
+    io.save(build_model("resnet20", (1, 8, 8), 10), tmp_path / "dense")
+    rc = main(["prune", "--checkpoint", str(tmp_path / "dense"), "--data", "digits", "--test-fraction", "0.05",
+               "--method", "l1", "--target-speedup", "2x", "--batch-size", "4", "--calib-batches", "1",
+               "--latency-cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--no-speed",
+               "--device", "cpu"])
+    assert rc == 0
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    lat = res["latency"]
+    assert lat["target_speedup"] == 2.0 and lat["batch_size"] == 4 and lat["backend"] == "eager"
+    assert lat["measured_speedup_b4"] == pytest.approx(lat["macs_reduction"])  # the fake timer's time is MACs
+    assert abs(lat["measured_speedup_b4"] / 2.0 - 1) <= 0.10 and lat["within_10pct"]
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 1
+    assert "speed-up on" in capsys.readouterr().out
+    assert io.load(tmp_path / "out")(torch.randn(2, 1, 8, 8)).shape == (2, 10)

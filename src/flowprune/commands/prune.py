@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ratio", type=float, default=None, help="fraction of every unit's width to remove, in [0, 1)")
     g.add_argument("--target-speedup", default=None,
                    help="measured speed-up on --device at --batch-size, e.g. 3x (a latency lookup table of the "
-                        "model is measured there once and cached; see docs/speed.md)")
+                        "model is measured there once and cached; see docs/latency.md)")
     p.add_argument("--batch-size", type=int, default=1, help="with --target-speedup: the batch size the speed-up is "
                    "for (default 1)")
     p.add_argument("--backend", default="eager", help="with --target-speedup: how the model will run (eager)")
