@@ -97,7 +97,7 @@ def _macs(m) -> int:
 
 def build_variants(name: str, dense, args, dev, results_model: dict) -> dict:
     """name -> (pruned model, info) for every target and variant (latency models built once per batch)."""
-    from flowprune.latency import build_latency_model
+    from flowprune.latency import DeviceTimer, build_latency_model
     from flowprune.procedures.torch_pruning import tp_prune_to_target
     from flowprune.pruning.structural import prune
     from flowprune.units import find_units
@@ -109,7 +109,8 @@ def build_variants(name: str, dense, args, dev, results_model: dict) -> dict:
         units = find_units(dense, x1)
         for b in args.batches:
             t = time.time()
-            lms[b] = build_latency_model(dense, units, x1, batch_size=b, device=dev, cache=args.cache)
+            lms[b] = build_latency_model(dense, units, x1, batch_size=b, device=dev, cache=args.cache,
+                                         timer=DeviceTimer(dev, b, model_rounds=args.rounds))
             log(f"{name}: latency tables at batch {b}: {time.time() - t:.1f}s, multiple {lms[b].multiple}, "
                 f"predicted reach {lms[b].max_speedup():.1f}x")
             results_model.setdefault("latency_models", {})[str(b)] = lms[b].summary()

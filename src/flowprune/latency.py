@@ -16,13 +16,15 @@ function of its input and output channel counts. flowprune does the same:
   (:func:`flowprune.timing.time_callables`: warm-up, interleaved rounds, medians). Between grid
   points the time is interpolated bilinearly; the grid is made monotone (fewer channels never
   cost more) so noise cannot make a cut look slower.
-* **The rest.** The whole model is timed once at full width; what the tables do not explain
-  (activations, additions, pooling, per-call overhead: on one CPU thread a third of ResNet-18's
-  time at batch 1) is assumed to shrink with the layers around it: the prediction is
-  ``scale * sum(layer times at the widths)`` with ``scale = full_s / sum(layer times at full
-  width)``. Where the rest does not shrink (fixed per-call overhead at batch 1) this
-  over-predicts the speed-up, which the planner corrects by measuring the cut model
-  (:mod:`flowprune.plan_latency`).
+* **The rest.** The whole model is timed once at full width. What the tables do not explain is
+  split in two: the layers no unit cuts (a ``nn.MultiheadAttention`` flowprune leaves intact,
+  an uncut stem) keep their time, estimated as their share of the model's MACs
+  (``fixed_s``); the remainder (activations, additions, pooling, per-call overhead: on one CPU
+  thread a third of ResNet-18's time at batch 1) is assumed to shrink with the layers around it.
+  The prediction is ``fixed_s + scale * sum(layer times at the widths)``, ``scale`` making it
+  equal the measured dense time at full width. Where the remainder does not shrink (fixed
+  per-call overhead at batch 1) this over-predicts the speed-up, which the planner corrects by
+  measuring the cut model (:mod:`flowprune.plan_latency`).
 * **Width multiple.** Kernels run some channel counts faster than others (a multiple of 8 or 16
   fills a vector register or a tensor-core tile). :func:`probe_multiple` measures, on a wide
   layer with many MACs, the time per MAC at ``W - m`` channels for each candidate ``m`` (1, 2,
@@ -131,7 +133,8 @@ def spec_of(m: nn.Module, x: torch.Tensor) -> LayerSpec | None:
     if isinstance(m, nn.modules.batchnorm._BatchNorm):
         return LayerSpec("bn", m.num_features, m.num_features, shape=tuple(x.shape[2:]))
     if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
-        return LayerSpec("ln", m.normalized_shape[0], m.normalized_shape[0], shape=tuple(x.shape[1:-1]))
+        c = m.normalized_shape[0]  # channels last (tokens), or first (a LayerNorm2d that permutes: timed channels last)
+        return LayerSpec("ln", c, c, shape=tuple(x.shape[1:-1]) if x.shape[-1] == c else tuple(x.shape[2:]))
     return None
 
 
@@ -217,7 +220,7 @@ class DeviceTimer:
                  min_round_s: float | None = None, model_rounds: int = 7):
         self.device, self.batch_size, self.backend = torch.device(device), batch_size, backend
         if min_round_s is None:  # a GPU kernel takes microseconds: shorter rounds suffice
-            min_round_s = 0.02 if self.device.type == "cpu" else 0.005
+            min_round_s = 0.02 if self.device.type == "cpu" else 0.002
         self.rounds, self.warmup, self.min_round_s, self.model_rounds = rounds, warmup, min_round_s, model_rounds
 
     def layers(self, points: Mapping[str, tuple[LayerSpec, int, int]]) -> dict[str, float]:
@@ -239,7 +242,7 @@ class DeviceTimer:
         from flowprune.timing import time_models
 
         return time_models(models, x.to(self.device), device=self.device, backend=self.backend,
-                           rounds=self.model_rounds)
+                           rounds=self.model_rounds, warmup=1)
 
 
 def _grid(full: int, floor: int, step: int, fractions: Sequence[float] = GRID) -> list[int]:
@@ -335,7 +338,8 @@ def unit_rules(units: Sequence, multiple: int, min_width: int) -> tuple[dict[str
 class LatencyModel:
     """Predicted seconds of one forward at batch ``key["batch_size"]`` as a function of unit widths.
 
-    ``latency(widths)`` = ``scale`` times the layers' table times at the channel counts the widths give;
+    ``latency(widths)`` = ``fixed_s`` + ``scale`` times the layers' table times at the channel counts the
+    widths give (``fixed_s``: the share of the dense time in layers no unit cuts, by their MACs);
     ``speedup(widths)`` = ``latency({}) / latency(widths)`` (``{}``: every unit at full width).
     ``multiple``: kept widths are multiples of it; ``probe``: how it was chosen.
     """
@@ -349,6 +353,7 @@ class LatencyModel:
     tables: dict[str, Table]
     full_s: float
     scale: float
+    fixed_s: float = 0.0
     probe: dict = field(default_factory=dict)
     timer: object = field(default=None, repr=False)
     cache_file: str | None = None
@@ -358,7 +363,7 @@ class LatencyModel:
         return self.tables[layer.spec.key()](ci, co)
 
     def latency(self, widths: Mapping[str, int]) -> float:
-        return self.scale * sum(self.layer_time(lay, widths) for lay in self.layers)
+        return self.fixed_s + self.scale * sum(self.layer_time(lay, widths) for lay in self.layers)
 
     def speedup(self, widths: Mapping[str, int]) -> float:
         return self.latency({}) / max(self.latency(widths), 1e-12)
@@ -373,7 +378,7 @@ class LatencyModel:
 
     def summary(self) -> dict:
         return {"key": self.key, "multiple": self.multiple, "probe": self.probe, "full_s": self.full_s,
-                "scale": self.scale, "layers": len(self.layers), "tables": len(self.tables),
+                "scale": self.scale, "fixed_s": self.fixed_s, "layers": len(self.layers), "tables": len(self.tables),
                 "cache_file": self.cache_file}
 
 
@@ -529,16 +534,29 @@ def build_latency_model(model: nn.Module, units: Sequence, example: torch.Tensor
     tables = _tables(timer, layers, {"steps": steps, "floors": floors, "sizes": sizes}, cached)
     full_s = float(cached["full_s"]) if cached and cached.get("full_s") else _full_seconds(timer, model, example,
                                                                                            batch_size, dev)
-    lm = LatencyModel(key, multiple, sizes, steps, floors, layers, tables, full_s, 1.0, probe, timer,
-                      str(path) if path is not None else None)
-    modelled = lm.latency({})
-    lm.scale = full_s / modelled if modelled > 0 else 1.0
+    lm = LatencyModel(key, multiple, sizes, steps, floors, layers, tables, full_s, 1.0, probe=probe, timer=timer,
+                      cache_file=str(path) if path is not None else None)
+    _fit_rest(lm, model, units, example)
     if path is not None:
         data = lm.to_json()
         if cached and cached.get("multiple") != multiple and cached.get("probe", {}).get("chosen"):
             data["multiple"], data["probe"] = cached["multiple"], cached["probe"]  # keep the probed choice
         _write_cache(path, data)
     return lm
+
+
+def _fit_rest(lm: LatencyModel, model: nn.Module, units: Sequence, example: torch.Tensor) -> None:
+    """``fixed_s`` and ``scale`` of ``lm``: the dense time not in the tables is split into the part of
+    layers no unit cuts (by their share of the MACs, Torch-Pruning's counter: fixed) and the rest
+    (activations, additions, overhead: shrinks with the tables' layers)."""
+    from flowprune.device import model_device
+    from flowprune.plan import MacsModel
+
+    modelled = sum(lm.layer_time(lay, {}) for lay in lm.layers)
+    mm = MacsModel(model, units, example.to(model_device(model) or example.device))
+    untouched = mm.rest / mm.total if mm.total > 0 else 0.0
+    lm.fixed_s = max(0.0, min(untouched * lm.full_s, lm.full_s - modelled))
+    lm.scale = (lm.full_s - lm.fixed_s) / modelled if modelled > 0 else 1.0
 
 
 def _tables(timer, layers, parts: dict, cached: dict | None) -> dict[str, Table]:

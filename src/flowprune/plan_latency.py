@@ -77,7 +77,7 @@ class _Greedy:
         lm = self.lm
         w = {n: s for n, s in self.size.items()}
         cur = [lm.layer_time(lay, w) for lay in lm.layers]
-        total = lm.scale * sum(cur)
+        total = lm.fixed_s + lm.scale * sum(cur)
         cand = {n: self._candidate(w, cur, n) for n in w}
         while total > target_s:
             live = [(c[0], c[1], n) for n, c in cand.items() if c is not None]
