@@ -145,9 +145,10 @@ def build_variants(name: str, dense, args, dev, results_model: dict) -> dict:
     return out
 
 
-def time_cells(name: str, dense, variants: dict, args, dev, results_model: dict) -> None:
+def time_cells(name: str, dense, variants: dict, args, dev, results: dict) -> None:
     from flowprune.timing import time_models
 
+    results_model = results["models"][name]
     dense_macs = _macs(dense)
     cells = results_model.setdefault("cells", [])
     macs = {k: _macs(m) for k, (m, _) in variants.items()}
@@ -166,6 +167,9 @@ def time_cells(name: str, dense, variants: dict, args, dev, results_model: dict)
             cells.append({"model": name, "variant": v, "target": T, "batch": b, "speedup": sp,
                           "speedup_q": list(tm.speedup_range("dense", k)), "macs_reduction": red,
                           "speed_per_mac": sp / red, "info": info})
+        results["load_after"] = [round(v, 2) for v in os.getloadavg()]
+        results["seconds"] = time.time() - T0
+        write(results, args.out)  # after every batch size: a run killed at a time limit keeps what finished
 
 
 def write(results: dict, prefix: str) -> None:
@@ -237,10 +241,7 @@ def main(argv=None) -> int:
         dense = build_model(f"tv:{name}", SHAPE, 1000).eval().to(dev)
         rm = results["models"].setdefault(name, {"dense_macs": _macs(dense)})
         variants = build_variants(name, dense, args, dev, rm)
-        time_cells(name, dense, variants, args, dev, rm)
-        results["load_after"] = [round(v, 2) for v in os.getloadavg()]
-        results["seconds"] = time.time() - T0
-        write(results, args.out)
+        time_cells(name, dense, variants, args, dev, results)
         log(f"{name}: done, results written to {args.out}.json/.md")
         del variants, dense
         if dev.type == "cuda":
