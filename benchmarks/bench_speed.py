@@ -34,6 +34,7 @@ torchvision 0.26 and later. Not run in CI.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -70,6 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     p.add_argument("--cache", default=None, help="latency table cache directory (default: flowprune's)")
     p.add_argument("--out", default="docs/results/speed", help="results prefix (PREFIX.json, PREFIX.md)")
+    p.add_argument("--merge", action="store_true", help="keep the models already in PREFIX.json (measured by an "
+                   "earlier command, listed in the header) and add these")
     a = p.parse_args(argv)
     cuda = a.device.startswith("cuda")
     a.models = (a.models.split(",") if a.models else
@@ -235,6 +238,12 @@ def main(argv=None) -> int:
                "torchvision": torchvision.__version__, "torch_pruning": getattr(tp, "__version__", "?"),
                "threads": torch.get_num_threads(), "platform": platform.platform(),
                "load_before": [round(v, 2) for v in os.getloadavg()], "models": {}}
+    old = Path(args.out + ".json")
+    if args.merge and old.exists():
+        prev = json.loads(old.read_text())
+        results["command"] = prev["command"] + "` then `" + results["command"]
+        results["models"] = {k: v for k, v in prev["models"].items() if k not in args.models}
+        results["load_before"] = [prev["load_before"], results["load_before"]]
     for name in args.models:
         log(f"{name}: building (random weights, {SHAPE})")
         torch.manual_seed(0)
