@@ -237,6 +237,18 @@ CASES = [
     ("idap-final-neg", ID + ["--final-epochs", "-1"], "final_epochs must be an integer >= 0, got -1"),
     ("idap-max-steps0", ID + ["--max-steps", "0"], "max_steps must be a positive integer, got 0"),
     ("prune-final-ft-neg", P + ["--final-finetune-epochs", "-2"], "final_finetune_epochs"),
+    # prune to a latency target: every bad value before any timing or pruning (the last one after the latency
+    # tables are measured, which is before any scoring)
+    ("prune-speedup-batch0", P[:-2] + ["--target-speedup", "2x", "--batch-size", "0"],
+     "batch_size must be a positive integer, got 0"),
+    ("prune-speedup-batch-neg", P[:-2] + ["--target-speedup", "2x", "--batch-size", "-4"], "got -4"),
+    ("prune-speedup-backend", P[:-2] + ["--target-speedup", "2x", "--backend", "onnxruntime"],
+     "backend 'onnxruntime' cannot time a latency model"),
+    ("prune-speedup-text", P[:-2] + ["--target-speedup", "fast"], "target_speedup must be a speed-up factor"),
+    ("prune-speedup-one", P[:-2] + ["--target-speedup", "1x"], "target_speedup must be a speed-up factor > 1"),
+    ("prune-speedup-device", P[:-2] + ["--target-speedup", "2x", "--device", "cuda:9"], "cuda:9"),
+    ("prune-speedup-unreachable", P[:-2] + ["--target-speedup", "1000x", "--latency-cache", "{good}/../lat_cache"],
+     "target_speedup 1000x cannot be reached"),
     ("hf-lr-nan", H + ["--lr", "nan"], "lr"),
     ("hf-regrow-neg", H + ["--regrow-epochs", "-1"], "regrow_epochs"),
     ("hf-gammas-inf", ["hyperflows", "sweep", "--checkpoint", "{good}", "--data", "digits", "--gammas", "1,inf"],

@@ -59,7 +59,7 @@ from torch import nn
 from flowprune.config import ProcedureConfig, ProcedureResult, ReadsAsDict
 from flowprune.data import DataSplits, make_loader
 from flowprune.errors import FlowpruneError, bad_choice, check_positive_int
-from flowprune.measure import accuracy, count_macs_params, latency, throughput
+from flowprune.measure import accuracy, count_macs_params, speed_compare
 from flowprune.plan import parse_target
 from flowprune.procedures import CutContext, get_procedure, list_procedures
 from flowprune.procedures.torch_pruning import (  # noqa: F401 -- public names kept where they were
@@ -160,7 +160,7 @@ class CompareConfig(ProcedureConfig):
     tol: float = 0.03
     round_to: int | None = None
     measure_speed: bool = True
-    speed_repeats: int = 20
+    speed_repeats: int = 5  # interleaved timing rounds (flowprune.timing) per batch size
     speed_batch: int = 256
     compensate: bool | None = None
 
@@ -325,10 +325,9 @@ def exceeds_one_std(mean_a: float, std_a: float, mean_b: float, std_b: float) ->
 # the comparison
 # ----------------------------------------------------------------------------------------------
 
-def _speed(model: nn.Module, input_shape, repeats: int, batch: int) -> dict[str, float]:
-    return {"latency_ms_b1": 1e3 * latency(model, input_shape, batch_size=1, warmup=3, repeats=repeats),
-            f"throughput_b{batch}": throughput(model, input_shape, batch_size=batch, warmup=1,
-                                                repeats=max(3, repeats // 4))}
+def _speed(models: dict, input_shape, rounds: int, batch: int) -> dict:
+    """Interleaved timing (flowprune.timing) of ``models`` at batch 1 and ``batch``, vs ``dense``."""
+    return speed_compare(models, input_shape, base="dense", batch_sizes=(1, batch), rounds=rounds)
 
 
 def _run_key(method: str, target: float, seed: int) -> str:
@@ -484,7 +483,10 @@ class _CompareRun:
         if len(accs) > 1:
             info["accuracy_std"] = statistics.stdev(accs)
         if cfg.measure_speed:
-            info.update(_speed(dense, self.input_shape, cfg.speed_repeats, cfg.speed_batch))
+            sp = _speed({"dense": dense}, self.input_shape, cfg.speed_repeats, cfg.speed_batch)
+            info.update({"latency_ms_b1": 1e3 * sp["b1"]["seconds"]["dense"],
+                         f"throughput_b{cfg.speed_batch}": sp[f"b{cfg.speed_batch}"]["per_second"]["dense"],
+                         "speed_backend": f"{sp['backend']} on {sp['device']}"})
         return info
 
     def context(self, seed: int, calib) -> CutContext:
@@ -611,11 +613,14 @@ class _CompareRun:
         return result
 
 
-def _speed_vs_dense(pruned: nn.Module, dense: nn.Module, input_shape, repeats: int, batch: int) -> dict:
-    sp = _speed(pruned, input_shape, repeats, batch)
-    dn = _speed(dense, input_shape, repeats, batch)  # next to it: a ratio
-    return {**sp, "speedup_latency_b1": dn["latency_ms_b1"] / sp["latency_ms_b1"],
-            f"speedup_throughput_b{batch}": sp[f"throughput_b{batch}"] / dn[f"throughput_b{batch}"]}
+def _speed_vs_dense(pruned: nn.Module, dense: nn.Module, input_shape, rounds: int, batch: int) -> dict:
+    """The pruned model's speed and its speed-ups over the dense one, timed together (interleaved);
+    a refused (implausible) speed-up is None, with the reason under ``speed.refused``."""
+    sp = _speed({"dense": dense, "pruned": pruned}, input_shape, rounds, batch)
+    b1, bt = sp["b1"], sp[f"b{batch}"]
+    return {"latency_ms_b1": 1e3 * b1["seconds"]["pruned"], f"throughput_b{batch}": bt["per_second"]["pruned"],
+            "speedup_latency_b1": b1["speedup"]["pruned"], f"speedup_throughput_b{batch}": bt["speedup"]["pruned"],
+            "speed": sp}
 
 
 def _tp_version() -> str:
@@ -704,6 +709,10 @@ def _delta(r: dict, stage: str) -> str:
     return f"{100 * d:+.1f}{'*' if r.get(f'd_{stage}_gt_std') else ''}"
 
 
+def _x(v: float | None) -> str:
+    return "refused" if v is None else f"{v:.2f}x"
+
+
 def render_markdown(config: dict, dense: dict, summary: Sequence[dict], jaccard: Sequence[dict],
                     scratch: Sequence[dict], speed_batch: int = 256) -> str:
     """The comparison as Markdown: the main table, then Jaccard overlaps and the scratch baseline."""
@@ -730,15 +739,17 @@ def render_markdown(config: dict, dense: dict, summary: Sequence[dict], jaccard:
                "raw %": _pm(r["acc_raw"], r["acc_raw_std"]), "BN %": _pm(r["acc_bn"], r["acc_bn_std"]),
                "Δ BN": _delta(r, "acc_bn"), "FT %": _pm(r["acc_ft"], r["acc_ft_std"]), "Δ FT": _delta(r, "acc_ft")}
         if "latency_ms_b1" in r:
-            row["lat b1 ms"] = f"{r['latency_ms_b1']:.2f} ({r['speedup_latency_b1']:.2f}x)"
+            row["lat b1 ms"] = f"{r['latency_ms_b1']:.2f} ({_x(r['speedup_latency_b1'])})"
             row[f"thr b{speed_batch}/s"] = (f"{r[f'throughput_b{speed_batch}']:.0f} "
-                                            f"({r[f'speedup_throughput_b{speed_batch}']:.2f}x)")
+                                            f"({_x(r[f'speedup_throughput_b{speed_batch}'])})")
         rows.append(row)
     lines.append(format_table(rows))
     lines.append("")
     lines.append("(!) = the achieved reduction is more than "
                  f"{100 * config['tol']:.0f} % off the target (nearest reachable point). Speed: first seed's model; "
-                 "in brackets the speed-up over the dense model measured next to it.")
+                 "in brackets the speed-up over the dense model, timed interleaved with it in one harness call "
+                 f"({dense.get('speed_backend', 'eager')}; medians of rounds; 'refused' = faster than the MACs cut "
+                 "allows beyond the noise, see results.json).")
     if jaccard:
         lines += ["", "Jaccard overlap of the channel sets AGF and L1 choose (mean ± std over seeds; chance = two "
                   "independent random selections of the same per-unit sizes):", ""]

@@ -44,3 +44,8 @@ def check_fraction(arg: str, value: object, *, low: float = 0.0, high: float = 1
         rb = ")" if high_open else "]"
         raise FlowpruneError(f"{arg} must lie in {lb}{low}, {high}{rb}, got {value!r}")
     return v
+
+
+class ImplausibleTiming(FlowpruneError):
+    """A measured speed that cannot be true (faster than the work removed allows): the timing is
+    broken and the number must not be reported. Raised by :func:`flowprune.timing.check_plausible`."""

@@ -41,7 +41,9 @@ def plan_and_cut(model: nn.Module, units, scores: dict, calib: Sequence[tuple[to
     """Plan the cuts of ``units`` from ``scores``, fold the removed means in, and cut.
 
     ``plan_kw`` goes to :func:`flowprune.plan.plan_cuts` (``target_macs``, ``ratio`` or ``width``,
-    ``budget``, ``normalize``, ``min_width``, ``round_to``). With ``compensate`` the calibration
+    ``budget``, ``normalize``, ``min_width``, ``round_to``), or with ``target_speedup`` (and
+    ``latency_model``, optionally ``dense``: the model to measure the speed-up against) to
+    :func:`flowprune.plan_latency.plan_for_speedup` (widths and floors come from the latency model). With ``compensate`` the calibration
     mean of every removed channel is folded into its consumers' biases first
     (:mod:`flowprune.compensate`): this **changes ``model``'s consumer biases in place**, so pass a
     model you own (a procedure's working copy). The cut model is a new module; with a verified
@@ -50,7 +52,16 @@ def plan_and_cut(model: nn.Module, units, scores: dict, calib: Sequence[tuple[to
     from flowprune.cut import apply_cuts
     from flowprune.plan import plan_cuts
 
-    plan = plan_cuts(model, units, scores, example_inputs=example, macs_model=macs_model, **plan_kw)
+    if "target_speedup" in plan_kw:  # a latency target: flowprune.plan_latency
+        from flowprune.plan_latency import make_verifier, plan_for_speedup
+
+        lm, dense = plan_kw["latency_model"], plan_kw.get("dense")
+        verify = make_verifier(dense, model, units, scores, lm, example) if dense is not None else None
+        plan = plan_for_speedup(model, units, scores, latency_model=lm, target_speedup=plan_kw["target_speedup"],
+                                example_inputs=example, normalize=plan_kw.get("normalize", "unit"),
+                                macs_model=macs_model, verify=verify)
+    else:
+        plan = plan_cuts(model, units, scores, example_inputs=example, macs_model=macs_model, **plan_kw)
     compensated: list[str] = []
     if compensate:
         from flowprune.compensate import compensate_means, consumer_input_means

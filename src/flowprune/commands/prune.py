@@ -37,6 +37,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--target-macs", default=None, help="MACs reduction, e.g. 4x (= 4 times fewer MACs)")
     g.add_argument("--ratio", type=float, default=None, help="fraction of every unit's width to remove, in [0, 1)")
+    g.add_argument("--target-speedup", default=None,
+                   help="measured speed-up on --device at --batch-size, e.g. 3x (a latency lookup table of the "
+                        "model is measured there once and cached; see docs/latency.md)")
+    p.add_argument("--batch-size", type=int, default=1, help="with --target-speedup: the batch size the speed-up is "
+                   "for (default 1)")
+    p.add_argument("--backend", default="eager", help="with --target-speedup: how the model will run (eager)")
+    p.add_argument("--latency-cache", default=None, help="with --target-speedup: where latency tables are cached "
+                   "(default $FLOWPRUNE_CACHE_DIR/latency or ~/.cache/flowprune/latency)")
     p.add_argument("--steps", default="1", help="iterative pruning steps (default 1: one shot), or 'auto' "
                    "(one step per halving of the MACs)")
     p.add_argument("--schedule", default="geometric", help="geometric or linear")
@@ -98,8 +106,9 @@ def prune_config(args: argparse.Namespace):
     from flowprune.pruning.structural import PruneConfig
     from flowprune.train import TrainConfig
 
-    if args.target_macs is None and args.ratio is None:
-        raise FlowpruneError("give --target-macs (e.g. 4x) or --ratio (a fraction in [0, 1))")
+    if args.target_macs is None and args.ratio is None and args.target_speedup is None:
+        raise FlowpruneError("give --target-macs (e.g. 4x), --target-speedup (e.g. 3x) or --ratio (a fraction in "
+                             "[0, 1))")
     final_ft = args.finetune_epochs if args.final_finetune_epochs is None else args.final_finetune_epochs
     extra = {"normalize": args.normalize} if args.normalize is not None else {}
     return PruneConfig.resolve(None, dict(
@@ -108,7 +117,8 @@ def prune_config(args: argparse.Namespace):
         calib_batch_size=args.calib_batch_size, compensate=not args.no_compensate,
         score_options=parse_options("--score-option", args.score_option), finetune_epochs=args.finetune_epochs,
         final_finetune_epochs=final_ft, finetune_config=TrainConfig(lr=args.lr, seed=args.seed).validate(),
-        min_width=args.min_width, round_to=args.round_to, seed=args.seed, **extra))
+        min_width=args.min_width, round_to=args.round_to, seed=args.seed, target_speedup=args.target_speedup,
+        batch_size=args.batch_size, backend=args.backend, **extra))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -131,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     dense_acc = accuracy(model, make_loader(data.test, 512))
     with run, Timer() as t:
-        res = prune(model, data, cfg, checkpoint_dir=out / "steps")
+        res = prune(model, data, cfg, checkpoint_dir=out / "steps", latency_cache=args.latency_cache)
     results = _results(args, model, data, res, dense_acc, t.seconds)
     _save_and_print(args, out, data, res, results)
     run.finish()
@@ -155,7 +165,8 @@ def _results(args, model, data, res, dense_acc: float, seconds: float) -> dict:
                "accuracy_after_finetune": last.get("acc_ft"), "accuracy": accuracy(res.model, make_loader(data.test, 512)),
                "macs": res.macs, "params": res.params, "dense_macs": dense_macs, "dense_params": dense_params,
                "macs_reduction": dense_macs / max(res.macs, 1), "widths": res.widths, "history": res.history,
-               "seconds": seconds, "config": res.config, "unsupported_layers": res.unsupported}
+               "seconds": seconds, "config": res.config, "unsupported_layers": res.unsupported,
+               "target_speedup": args.target_speedup, "latency": res.latency}
     if not args.no_speed:
         results.update(speed_report(res.model, data.input_shape))
         results["dense_speed"] = speed_report(model, data.input_shape)
@@ -174,11 +185,17 @@ def _save_and_print(args, out, data, res, results: dict) -> None:
     def pct(v):
         return None if v is None else 100 * v
 
-    print(format_table([{"method": args.method, "target": args.target_macs or args.ratio,
+    print(format_table([{"method": args.method, "target": args.target_macs or args.target_speedup or args.ratio,
                          "dense acc %": pct(results["dense_accuracy"]), "cut %": pct(results["accuracy_after_cut"]),
                          "BN %": pct(results["accuracy_after_bn"]), "final %": pct(results["accuracy"]),
                          "MACs x": results["macs_reduction"], "params": res.params,
                          "latency b1 ms": results.get("latency_ms_b1")}]))
+    if res.latency:
+        lat = res.latency
+        print(f"speed-up on {lat['device']} ({lat['backend']}): target {lat['target_speedup']:g}x, predicted "
+              f"{lat['predicted_speedup']:.2f}x, measured {lat['measured_speedup_b' + str(lat['batch_size'])]:.2f}x "
+              f"at batch {lat['batch_size']} and {lat['measured_speedup_b1']:.2f}x at batch 1; "
+              f"{lat['macs_reduction']:.2f}x fewer MACs")
     if res.unsupported:
         from flowprune.notices import short_text
 

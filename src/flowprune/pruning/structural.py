@@ -69,6 +69,9 @@ class PruneConfig(ProcedureConfig):
     measure: bool = True
     kinds: Sequence[str] = ("channel", "neuron", "head", "recurrent")
     compensate: bool = DEFAULT_COMPENSATE
+    target_speedup: float | str | None = None
+    batch_size: int = 1
+    backend: str = "eager"
 
     def validate(self) -> PruneConfig:
         """Check every field (raises FlowpruneError); parses ``target_macs`` and resolves ``steps``/``budget``."""
@@ -79,18 +82,29 @@ class PruneConfig(ProcedureConfig):
         if self.method not in list_scores():
             raise bad_choice("method", self.method, list_scores())
         get_score(self.method, **(self.score_options or {}))  # unknown or bad options: one clear error now
-        if self.target_macs is None and self.ratio is None:
-            raise FlowpruneError("give target_macs (e.g. 4.0 or '4x') or ratio (a fraction in [0, 1))")
-        if self.target_macs is not None and self.ratio is not None:
-            raise FlowpruneError("give either target_macs or ratio, not both")
+        given = [n for n in ("target_macs", "ratio", "target_speedup") if getattr(self, n) is not None]
+        if not given:
+            raise FlowpruneError("give target_macs (e.g. 4.0 or '4x'), target_speedup (e.g. 3.0 or '3x') or ratio "
+                                 "(a fraction in [0, 1))")
+        if len(given) > 1:
+            raise FlowpruneError(f"give one of target_macs, target_speedup or ratio, not {' and '.join(given)}")
+        if self.target_speedup is not None:
+            from flowprune.latency import check_latency_args, parse_speedup
+
+            self.target_speedup = parse_speedup(self.target_speedup)
+            check_latency_args(self.batch_size, self.backend)
         if self.ratio is not None:
             self.ratio = check_fraction("ratio", self.ratio)
         if self.target_macs is not None:
             self.target_macs = parse_target(self.target_macs)
         self.budget = self.budget or DEFAULT_BUDGET
-        check_budget_args(self.ratio, None, self.target_macs, self.budget, self.min_width, self.round_to,
-                          self.normalize)
-        self.steps = resolve_steps(self.steps, self.target_macs)
+        if self.target_speedup is None:
+            check_budget_args(self.ratio, None, self.target_macs, self.budget, self.min_width, self.round_to,
+                              self.normalize)
+        else:  # the latency planner's own knobs; widths round to the device's multiple (or round_to > 1)
+            check_positive_int("min_width", self.min_width)
+            check_positive_int("round_to", self.round_to)
+        self.steps = resolve_steps(self.steps, self.target_macs or self.target_speedup)
         if self.schedule not in SCHEDULES:
             raise bad_choice("schedule", self.schedule, SCHEDULES)
         check_positive_int("calib_batches", self.calib_batches)
@@ -116,7 +130,8 @@ class PruneConfig(ProcedureConfig):
                 "final_finetune_epochs": self.final_finetune_epochs, "min_width": self.min_width,
                 "round_to": self.round_to, "seed": self.seed, "normalize": self.normalize,
                 "score_options": self.score_options or {}, "reestimate_bn": self.reestimate_bn,
-                "compensate": self.compensate,
+                "compensate": self.compensate, "target_speedup": self.target_speedup,
+                "batch_size": self.batch_size, "backend": self.backend,
                 "finetune_config": asdict(ft) if hasattr(ft, "__dataclass_fields__") else None}
 
 
@@ -141,6 +156,7 @@ class PruneResult(ProcedureResult):
     config: dict = field(default_factory=dict)
     unsupported: list[str] = field(default_factory=list)
     warnings: list[dict] = field(default_factory=list)
+    latency: dict = field(default_factory=dict)  # with target_speedup: flowprune.plan_latency.speed_check
 
     @property
     def reduction(self) -> float:
@@ -150,7 +166,7 @@ class PruneResult(ProcedureResult):
         return {"method": self.method, "macs": self.macs, "params": self.params, "dense_macs": self.dense_macs,
                 "dense_params": self.dense_params, "reduction": self.reduction, "widths": dict(self.widths),
                 "history": self.history, "config": self.config, "unsupported_layers": list(self.unsupported),
-                "warnings": [dict(w) for w in self.warnings]}
+                "warnings": [dict(w) for w in self.warnings], "latency": dict(self.latency)}
 
 
 def _check_data(data, model) -> None:
@@ -183,7 +199,8 @@ def _eval_loader(data):
 def prune(model: nn.Module, data, config: PruneConfig | dict | str | None = None, *,
           checkpoint_dir: str | os.PathLike | None = None, progress: bool | None = None,
           on_step: Callable[[dict, nn.Module], None] | None = None,
-          device: str | torch.device | None = None, amp: str | None = None, **overrides) -> PruneResult:
+          device: str | torch.device | None = None, amp: str | None = None, latency_model=None,
+          latency_cache=None, **overrides) -> PruneResult:
     """Prune ``model`` by a score to ``target_macs`` (or ``ratio``); returns a :class:`PruneResult`.
 
     Called like every procedure: ``prune(model, data, config=None, **overrides)`` with a
@@ -210,6 +227,11 @@ def prune(model: nn.Module, data, config: PruneConfig | dict | str | None = None
         compensate: fold the calibration mean of every removed channel into its consumers' biases
             before the cut (:mod:`flowprune.compensate`; statistics only, no training).
         kinds, min_width, round_to, normalize, calib_batches, calib_batch_size, seed, measure.
+        target_speedup: prune to a measured speed-up (3.0 or "3x") on ``device`` at ``batch_size``
+            with ``backend`` (``eager``) instead of a MACs target: a per-layer latency lookup table
+            measured on the device (:mod:`flowprune.latency`, cached on disk) and a utility per
+            second saved allocation (:mod:`flowprune.plan_latency`); the result's ``latency`` holds
+            the target, the predicted and the measured speed-up at ``batch_size`` and at batch 1.
 
     Run options (not part of the config):
         data: a :class:`flowprune.data.DataSplits` (or a list of (x, y) batches: calibration only,
@@ -222,6 +244,9 @@ def prune(model: nn.Module, data, config: PruneConfig | dict | str | None = None
             (``none``, ``bf16``, ``fp16``; see :func:`flowprune.train.fit`). Under torchrun the
             calibration batches and fine-tuning are shared by the ranks (:mod:`flowprune.distributed`)
             and only rank 0 writes ``checkpoint_dir``.
+        latency_model: with ``target_speedup``, a prebuilt :class:`flowprune.latency.LatencyModel` of
+            ``model`` (else one is built or loaded from ``latency_cache``: a directory, ``None`` for the
+            default cache, ``False`` for none).
     """
     if isinstance(config, str):
         overrides = {"method": config, **overrides}
@@ -232,7 +257,8 @@ def prune(model: nn.Module, data, config: PruneConfig | dict | str | None = None
     from flowprune import notices
 
     with notices.collect() as warned:  # each warning once per run; the full list in the result
-        run = _PruneRun(model, data, cfg, device=device, amp=amp, checkpoint_dir=checkpoint_dir, progress=progress)
+        run = _PruneRun(model, data, cfg, device=device, amp=amp, checkpoint_dir=checkpoint_dir, progress=progress,
+                        latency=(latency_model, latency_cache))
         res = run.execute(on_step=on_step)
     res.warnings = [dict(w) for w in warned]
     return res
@@ -252,7 +278,8 @@ def resolve_steps(steps: int | str, target: float | None) -> int:
 class _PruneRun:
     """One run of :func:`prune`: the working copy, the dense reference and the checkpoint."""
 
-    def __init__(self, model: nn.Module, data, cfg: PruneConfig, *, device, amp, checkpoint_dir, progress):
+    def __init__(self, model: nn.Module, data, cfg: PruneConfig, *, device, amp, checkpoint_dir, progress,
+                 latency=(None, None)):
         from flowprune.data import DataSplits
         from flowprune.device import check_amp, default_amp, resolve_device
         from flowprune.scores import get_score
@@ -271,7 +298,8 @@ class _PruneRun:
         self.shape = tuple(data.input_shape) if self.is_splits else tuple(data[0][0].shape[1:])
         self.example = torch.randn(1, *self.shape).to(self.dev)
         self.work = copy.deepcopy(model).to(self.dev)
-        self._check_units()
+        self.lm, self.dense = latency[0], None
+        self._check_units(latency[1])
         self.eval_loader = _eval_loader(data) if cfg.measure else None
         self.ft_cfg = cfg.effective_finetune_config()
         self.state = None
@@ -280,7 +308,7 @@ class _PruneRun:
 
             self.state = RunState(checkpoint_dir, "prune", self.cfg.record())
 
-    def _check_units(self) -> None:
+    def _check_units(self, latency_cache=None) -> None:
         from flowprune.measure import count_macs_params
         from flowprune.plan import MacsModel, check_reachable
         from flowprune.schedules import macs_schedule, ratio_schedule
@@ -293,10 +321,27 @@ class _PruneRun:
         if cfg.target_macs is not None:
             check_reachable(MacsModel(self.work, self.units0, self.example), self.units0, cfg.target_macs,
                             cfg.min_width, cfg.round_to)
+        if cfg.target_speedup is not None:
+            self._latency_model(latency_cache)
         self.sizes0 = {u.name: u.size for u in self.units0}
         self.dense_macs, self.dense_params = count_macs_params(self.work, self.shape)
-        self.targets = (macs_schedule(cfg.target_macs, cfg.steps, cfg.schedule) if cfg.target_macs is not None
+        goal = cfg.target_macs or cfg.target_speedup
+        self.targets = (macs_schedule(goal, cfg.steps, cfg.schedule) if goal is not None
                         else ratio_schedule(cfg.ratio, cfg.steps, cfg.schedule))
+
+    def _latency_model(self, cache) -> None:
+        """With ``target_speedup``: the latency model of the dense model (built, loaded or given) and the
+        reachability check, before any scoring; the dense copy every speed-up is measured against."""
+        from flowprune.latency import build_latency_model
+        from flowprune.plan_latency import check_reachable_speedup
+
+        cfg = self.cfg
+        if self.lm is None:
+            self.lm = build_latency_model(self.work, self.units0, self.example, batch_size=cfg.batch_size,
+                                          device=self.dev, backend=cfg.backend, min_width=cfg.min_width,
+                                          multiple=cfg.round_to if cfg.round_to > 1 else None, cache=cache)
+        check_reachable_speedup(self.lm, cfg.target_speedup)
+        self.dense = copy.deepcopy(self.work)
 
     def _resume(self) -> tuple[int, list[dict]]:
         if self.state is None:
@@ -331,7 +376,14 @@ class _PruneRun:
             bar.close()
         macs, params = count_macs_params(self.work, self.shape)
         final_widths = history[-1]["widths"] if history else self.sizes0
-        return PruneResult(model=self.work, history=history, widths=dict(final_widths), macs=macs, params=params,
+        latency = {}
+        if self.lm is not None and self.cfg.target_speedup is not None:
+            from flowprune.plan_latency import speed_check
+
+            latency = speed_check(self.dense, self.work, self.lm, self.example, self.cfg.target_speedup,
+                                  self.dense_macs / max(macs, 1))
+            latency["predicted_speedup"] = history[-1].get("predicted_speedup") if history else None
+        return PruneResult(latency=latency, model=self.work, history=history, widths=dict(final_widths), macs=macs, params=params,
                            dense_macs=self.dense_macs, dense_params=self.dense_params, method=self.cfg.method,
                            config=self.cfg.record(), unsupported=list(self.units0.unsupported))
 
@@ -366,6 +418,9 @@ class _PruneRun:
             if cfg.compensate:
                 rec["compensated"] = cut.compensated
             self.work, rec["plan_note"], widths_now = cut.model, cut.note, cut.widths
+            if cfg.target_speedup is not None:
+                rec["predicted_speedup"] = cut.plan.predicted_speedup
+                rec["measured_speedup_at_plan"] = cut.plan.measured_speedup
         else:
             widths_now = {u.name: u.size for u in units}
         rec["seconds_cut"] = time.perf_counter() - t0
@@ -378,6 +433,8 @@ class _PruneRun:
         """The plan_cuts budget of step ``s`` (``None``: this step cuts nothing)."""
         cfg = self.cfg
         rec["target"] = self.targets[s]
+        if cfg.target_speedup is not None:
+            return {"target_speedup": self.targets[s], "latency_model": self.lm, "dense": self.dense}
         if cfg.target_macs is not None:
             step_target = self.targets[s] * mm.total / self.dense_macs
             return None if step_target <= 1.0 + 1e-9 else {"target_macs": step_target, "budget": cfg.budget}
