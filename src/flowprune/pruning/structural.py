@@ -69,6 +69,10 @@ class PruneConfig(ProcedureConfig):
     measure: bool = True
     kinds: Sequence[str] = ("channel", "neuron", "head")
     compensate: bool = DEFAULT_COMPENSATE
+    # recovery (flowprune.recover): the recipe, its options, and a total epoch budget the steps share
+    recovery: str | None = None
+    recovery_options: dict | None = None
+    recovery_epochs: int | None = None
 
     def validate(self) -> PruneConfig:
         """Check every field (raises FlowpruneError); parses ``target_macs`` and resolves ``steps``/``budget``."""
@@ -99,7 +103,39 @@ class PruneConfig(ProcedureConfig):
             v = getattr(self, nm)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise FlowpruneError(f"{nm} must be an integer >= 0, got {v!r}")
+        self._check_recovery()
         return self
+
+    def _check_recovery(self) -> None:
+        """Resolve the recovery recipe and the per-step epochs (FlowpruneError before any work)."""
+        from flowprune.recover import DEFAULT_RECOVERY, make_recipe, split_epochs
+
+        self.recovery = self.recovery or DEFAULT_RECOVERY
+        self.recipe()
+        if self.recovery_epochs is not None:
+            if self.finetune_epochs or self.final_finetune_epochs:
+                raise FlowpruneError("give either recovery_epochs (one budget the steps share) or "
+                                     "finetune_epochs/final_finetune_epochs, not both")
+            split_epochs(self.recovery_epochs, self.steps)
+        make_recipe(self.recovery, self.recovery_options)
+
+    def recipe(self):
+        """The :class:`flowprune.recover.RecoveryRecipe`; plain fine-tuning keeps ``finetune_config``'s lr."""
+        from flowprune.recover import make_recipe
+
+        opts = dict(self.recovery_options or {})
+        if self.recovery == "finetune" and self.finetune_config is not None:
+            opts.setdefault("lr", self.finetune_config.lr)
+        return make_recipe(self.recovery, opts)
+
+    def step_epochs(self) -> list[int]:
+        """Recovery epochs after each step: ``split_epochs(recovery_epochs, steps)``, or
+        ``finetune_epochs`` after every step but the last and ``final_finetune_epochs`` after it."""
+        from flowprune.recover import split_epochs
+
+        if self.recovery_epochs is not None:
+            return split_epochs(self.recovery_epochs, self.steps)
+        return [self.finetune_epochs] * (self.steps - 1) + [self.final_finetune_epochs]
 
     def effective_finetune_config(self):
         """The fine-tuning recipe: ``finetune_config``, or SGD at lr 0.01 seeded by ``seed``."""
@@ -116,7 +152,8 @@ class PruneConfig(ProcedureConfig):
                 "final_finetune_epochs": self.final_finetune_epochs, "min_width": self.min_width,
                 "round_to": self.round_to, "seed": self.seed, "normalize": self.normalize,
                 "score_options": self.score_options or {}, "reestimate_bn": self.reestimate_bn,
-                "compensate": self.compensate,
+                "compensate": self.compensate, "recovery": self.recipe().to_dict(),
+                "recovery_epochs": self.recovery_epochs,
                 "finetune_config": asdict(ft) if hasattr(ft, "__dataclass_fields__") else None}
 
 
@@ -180,7 +217,8 @@ def _eval_loader(data):
 def prune(model: nn.Module, data, config: PruneConfig | dict | str | None = None, *,
           checkpoint_dir: str | os.PathLike | None = None, progress: bool | None = None,
           on_step: Callable[[dict, nn.Module], None] | None = None,
-          device: str | torch.device | None = None, amp: str | None = None, **overrides) -> PruneResult:
+          device: str | torch.device | None = None, amp: str | None = None, teacher: nn.Module | None = None,
+          **overrides) -> PruneResult:
     """Prune ``model`` by a score to ``target_macs`` (or ``ratio``); returns a :class:`PruneResult`.
 
     Called like every procedure: ``prune(model, data, config=None, **overrides)`` with a
@@ -207,6 +245,13 @@ def prune(model: nn.Module, data, config: PruneConfig | dict | str | None = None
         compensate: fold the calibration mean of every removed channel into its consumers' biases
             before the cut (:mod:`flowprune.compensate`; statistics only, no training).
         kinds, min_width, round_to, normalize, calib_batches, calib_batch_size, seed, measure.
+        recovery: the recovery recipe after each cut (:mod:`flowprune.recover`): ``kd`` (default,
+            distillation from the input model with warm-up + cosine; docs/recovery.md) or
+            ``finetune`` (plain fine-tuning, the earlier behaviour). ``recovery_options``: its
+            options (``temperature``, ``alpha``, ``warmup_fraction``, ``lr``).
+        recovery_epochs: one total budget of recovery epochs the steps share
+            (:func:`flowprune.recover.split_epochs`; fewer epochs than steps is an error); exclusive
+            with ``finetune_epochs`` / ``final_finetune_epochs``.
 
     Run options (not part of the config):
         data: a :class:`flowprune.data.DataSplits` (or a list of (x, y) batches: calibration only,
@@ -219,6 +264,8 @@ def prune(model: nn.Module, data, config: PruneConfig | dict | str | None = None
             (``none``, ``bf16``, ``fp16``; see :func:`flowprune.train.fit`). Under torchrun the
             calibration batches and fine-tuning are shared by the ranks (:mod:`flowprune.distributed`)
             and only rank 0 writes ``checkpoint_dir``.
+        teacher: the model ``kd`` distils from (default: ``model`` itself, the dense network; used
+            in eval mode without gradients, never changed); its classes must match.
     """
     if isinstance(config, str):
         overrides = {"method": config, **overrides}
@@ -226,7 +273,8 @@ def prune(model: nn.Module, data, config: PruneConfig | dict | str | None = None
     cfg = PruneConfig.resolve(config, overrides)
     if not isinstance(model, nn.Module):
         raise FlowpruneError(f"model must be a torch nn.Module, got {type(model).__name__}")
-    run = _PruneRun(model, data, cfg, device=device, amp=amp, checkpoint_dir=checkpoint_dir, progress=progress)
+    run = _PruneRun(model, data, cfg, device=device, amp=amp, checkpoint_dir=checkpoint_dir, progress=progress,
+                    teacher=teacher)
     return run.execute(on_step=on_step)
 
 
@@ -244,7 +292,8 @@ def resolve_steps(steps: int | str, target: float | None) -> int:
 class _PruneRun:
     """One run of :func:`prune`: the working copy, the dense reference and the checkpoint."""
 
-    def __init__(self, model: nn.Module, data, cfg: PruneConfig, *, device, amp, checkpoint_dir, progress):
+    def __init__(self, model: nn.Module, data, cfg: PruneConfig, *, device, amp, checkpoint_dir, progress,
+                 teacher: nn.Module | None = None):
         from flowprune.data import DataSplits
         from flowprune.device import check_amp, default_amp, resolve_device
         from flowprune.scores import get_score
@@ -255,7 +304,8 @@ class _PruneRun:
         self.amp = check_amp(default_amp() if amp is None else amp, self.dev)
         _check_data(data, model)
         self.data, self.is_splits = data, isinstance(data, DataSplits)
-        if (cfg.finetune_epochs or cfg.final_finetune_epochs) and not self.is_splits:
+        self.epochs = cfg.step_epochs()
+        if any(self.epochs) and not self.is_splits:
             raise FlowpruneError("fine-tuning needs a DataSplits (load_dataset(...)), not a list of batches")
         if checkpoint_dir is not None and getattr(model, "flowprune_base", None) is None:
             raise FlowpruneError("checkpoint_dir needs a model built by flowprune.build_model (it carries flowprune_base)")
@@ -266,6 +316,13 @@ class _PruneRun:
         self._check_units()
         self.eval_loader = _eval_loader(data) if cfg.measure else None
         self.ft_cfg = cfg.effective_finetune_config()
+        self.recipe = cfg.recipe()
+        self.teacher = None
+        if self.recipe.uses_teacher and any(self.epochs):
+            from flowprune.recover import check_teacher
+
+            self.teacher = teacher if teacher is not None else model  # recover() copies it, in eval mode
+            check_teacher(self.teacher, self.work, self.example)
         self.state = None
         if checkpoint_dir is not None:
             from flowprune.runstate import RunState
@@ -382,7 +439,6 @@ class _PruneRun:
 
     def _after_cut(self, s: int, rec: dict, widths_now: dict, calib) -> None:
         from flowprune.measure import accuracy, count_macs_params
-        from flowprune.train import fit
         from flowprune.train import reestimate_bn as bn_reestimate
 
         cfg, work = self.cfg, self.work
@@ -394,12 +450,15 @@ class _PruneRun:
             bn_reestimate(work, list(calib))
             if self.eval_loader is not None:
                 rec["acc_bn"] = accuracy(work, self.eval_loader)
-        epochs = cfg.finetune_epochs if s < cfg.steps - 1 else cfg.final_finetune_epochs
+        epochs = self.epochs[s]
         if epochs > 0:
-            t0 = time.perf_counter()
+            from flowprune.recover import recover
+
             ckpt = self.state.dir / f"ft_{s + 1}" if self.state is not None else None
-            fit(work, self.data, self.ft_cfg, epochs=epochs, checkpoint_dir=ckpt, progress=self.progress, device=self.dev,
-                amp=self.amp)
-            rec["seconds_finetune"] = time.perf_counter() - t0
+            rr = recover(work, self.data, epochs, self.recipe, teacher=self.teacher, seed=self.ft_cfg.seed,
+                         train_config=self.ft_cfg, checkpoint_dir=ckpt, progress=self.progress, device=self.dev,
+                         amp=self.amp)
+            rec.update(seconds_finetune=rr["seconds"], recovery_epochs=epochs,
+                       teacher_forwards=rr["teacher_forwards"])
             if self.eval_loader is not None:
                 rec["acc_ft"] = accuracy(work, self.eval_loader)
