@@ -170,34 +170,32 @@ def tp_rows() -> list[str]:
     return [f"{imp}-{mode}" for imp in TP_IMPORTANCES for mode in ("uniform", "global")]
 
 
-def run_key(key: str, seeds, targets, budget: int, root: Path, dev, log) -> None:
-    """Phase 1 (every fp, TP and random row), then phase 2 (best TP + kd) for one model:data."""
+def run_key(key: str, seeds, targets, budget: int, root: Path, dev, log, skip=()) -> None:
+    """For one model:data: the dense models, then target by target (all seeds, so that an interrupted
+    run leaves whole targets) every fp, TP and random row, then best TP + kd."""
     cache_root = root / f"{key.replace(':', '_')}_b{budget}"
+    cache_root.mkdir(parents=True, exist_ok=True)
+    dense = {}
     for seed in seeds:
-        dense, data, dinfo = dense_model(key, seed, root, dev)
-        (cache_root / f"dense_s{seed}.json").parent.mkdir(parents=True, exist_ok=True)
+        model, data, dinfo = dense_model(key, seed, root, dev)
         (cache_root / f"dense_s{seed}.json").write_text(json.dumps(dinfo))
-        log(f"{key} seed {seed}: dense test {100 * dinfo['dense_acc']:.1f}")
         calib = data.calibration_batches(CALIB[1], CALIB[0], seed=seed * 1000, split="train")
-        tp_cache: dict = {}
-        for target in targets:
-            rows = [*FP_VARIANTS, "random-finetune", "random-kd", *tp_rows()]
+        dense[seed] = (model, data, calib, {})
+        log(f"{key} seed {seed}: dense test {100 * dinfo['dense_acc']:.1f}")
+    rows = [r for r in (*FP_VARIANTS, "random-finetune", "random-kd", *tp_rows()) if r not in skip]
+    for target in targets:
+        for seed in seeds:
+            model, data, calib, tp_cache = dense[seed]
             for row in rows:
                 path = cache_root / f"s{seed}" / f"{row}_{target:g}x.json"
-
-                rec = _cached(path, partial(_one_run, dense, data, target, seed, row, budget, dev, calib, tp_cache))
+                rec = _cached(path, partial(_one_run, model, data, target, seed, row, budget, dev, calib, tp_cache))
                 log(f"  {row:24s} {target:g}x s{seed}: raw {100 * (rec['acc_raw'] or 0):.1f} bn "
                     f"{100 * (rec['acc_bn'] or 0):.1f} rec {100 * rec['acc_rec']:.1f} ({rec['seconds']:.0f} s)")
-    for seed in seeds:  # phase 2: the best TP configuration (by mean validation accuracy) with kd
-        dense, data, _ = dense_model(key, seed, root, dev)
-        calib = data.calibration_batches(CALIB[1], CALIB[0], seed=seed * 1000, split="train")
-        for target in targets:
-            best = best_tp(load_runs(cache_root), target)
-            if best is None:
-                continue
+        best = best_tp(load_runs(cache_root), target)  # by mean validation accuracy after recovery
+        for seed in seeds if best is not None else ():
+            model, data, calib, _ = dense[seed]
             path = cache_root / f"s{seed}" / f"tp-best+kd_{target:g}x.json"
-
-            rec = _cached(path, partial(_one_run, dense, data, target, seed, best + "+kd", budget, dev, calib, {}))
+            rec = _cached(path, partial(_one_run, model, data, target, seed, best + "+kd", budget, dev, calib, {}))
             log(f"  tp-best+kd ({best}) {target:g}x s{seed}: rec {100 * rec['acc_rec']:.1f}")
 
 
@@ -291,10 +289,13 @@ def _goals(rt, rows, best, default_row) -> dict:
     if dd:
         m, s = _ms(dd)
         g["ahead_or_level_tp_cut_fp_recovery"] = {"met": m >= -s, "diff": m, "std": s}
-    one = "fp-finetune"  # the default cut, one-shot, before any recovery
-    d1 = pr.get("acc_bn", {}).get(one)
-    if d1:
-        g["one_shot_bn_ahead"] = {"met": d1["mean"] > 0, "diff": d1["mean"], "std": d1["std"]}
+    one = rows.get("fp-finetune")  # the default cut, one-shot, before any recovery
+    tp_bn = [(k, r["acc_bn"]) for k, r in rows.items()
+             if k.startswith("tp-") and k != "tp-best+kd" and r["acc_bn"][0] is not None]
+    if one and tp_bn:  # against the best one-shot TP configuration (by mean, the strongest one-shot opponent)
+        k, (m, s) = max(tp_bn, key=lambda kv: kv[1][0])
+        g["one_shot_bn_ahead"] = {"met": one["acc_bn"][0] > m, "diff": one["acc_bn"][0] - m,
+                                  "std": max(s, one["acc_bn"][1]), "vs": k}
     rnd = default_row.replace("fp-", "random-").replace("-iter", "")
     if rnd in rows and rows[rnd]["acc_rec"][0] is not None:
         dm, ds = rows[default_row]["acc_rec"]
@@ -305,20 +306,77 @@ def _goals(rt, rows, best, default_row) -> dict:
 
 GOAL_TEXT = {"ahead_of_best_tp_ft": "ahead of best TP (plain FT) by > 1 paired std",
              "ahead_or_level_tp_cut_fp_recovery": "ahead of / level with TP's cut + flowprune recovery",
-             "one_shot_bn_ahead": "one-shot + BN ahead of best TP (paired mean)",
+             "one_shot_bn_ahead": "one-shot + BN ahead of the best one-shot TP configuration (means)",
              "above_random": "above random (same recovery) by > 1 std"}
+
+
+def _headline(key: str, s: dict, default_row: str) -> list[str]:
+    """One compact table per model: the rows the issue names, recovered accuracy and paired differences."""
+    ts = list(s["targets"])
+    lines = ["| recovered accuracy % (paired Δ vs best TP) | " + " | ".join(f"{t}x" for t in ts) + " |",
+             "|---" * (len(ts) + 1) + "|"]
+
+    def cell(t, row):
+        st = s["targets"][t]
+        r = st["rows"].get(row)
+        if r is None:
+            return "-"
+        p = st["paired"].get("acc_rec", {}).get(row)
+        extra = f" ({100 * p['mean']:+.1f} ± {100 * p['std']:.1f})" if p is not None and row != st["best_tp"] else ""
+        return _pm(*r["acc_rec"]) + extra
+
+    names = [(default_row, f"flowprune default pipeline (`{default_row}`)"),
+             ("fp-finetune", "flowprune cut + plain fine-tune"), ("fp-kd", "flowprune cut + kd, one-shot"),
+             ("fp-kd-iter", "flowprune cut + kd, iterative"), ("BEST", "best TP (plain FT)"),
+             ("tp-best+kd", "best TP cut + flowprune kd recovery"), ("random-kd", "random cut + kd"),
+             ("random-finetune", "random cut + plain fine-tune")]
+    seen = set()
+    for row, label in names:
+        if row in seen:
+            continue
+        seen.add(row)
+        cells = [cell(t, s["targets"][t]["best_tp"] if row == "BEST" else row) for t in ts]
+        if any(c != "-" for c in cells):
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("| best TP configuration (validation, after recovery) | "
+                 + " | ".join(f"`{s['targets'][t]['best_tp']}`" for t in ts) + " |")
+    bn = ["| one-shot + BN %: flowprune cut / best-one-shot TP | "]
+    for t in ts:
+        rows = s["targets"][t]["rows"]
+        tp_bn = max((r["acc_bn"] for k, r in rows.items() if k.startswith("tp-") and k != "tp-best+kd"
+                     and r["acc_bn"][0] is not None), key=lambda v: v[0], default=(None, None))
+        fp = rows.get("fp-finetune", {}).get("acc_bn", (None, None))
+        bn.append(f"{_pm(*fp)} / {_pm(*tp_bn)} | ")
+    lines.append("".join(bn).rstrip())
+    return lines
 
 
 def render(results: dict, command: str) -> str:
     lines = ["# Recovery benchmark (issue 20)", "", f"Command: `{command}`", "",
              f"Scope: {results['scope']}", "",
-             f"Default pipeline row: `{results['default_row']}` ({results['default_text']}).", ""]
+             f"Default pipeline row: `{results['default_row']}` ({results['default_text']}). Accuracy on the test "
+             "split, mean ± std over seeds; paired Δ = per-seed difference to the best Torch-Pruning configuration "
+             "(chosen by mean validation accuracy after the same plain fine-tuning), mean ± std. "
+             f"Budget: {results['budget']} epochs of recovery over the training split for every row (iterative rows "
+             "share it over their steps). Calibration: "
+             f"{results['calibration']['batches']} x {results['calibration']['batch_size']}. Device: "
+             f"{results['device']}, {results['torch_threads']} torch thread(s); seconds are wall time on a shared "
+             "machine (compare only within a table). Peak memory: the process's peak RSS on the CPU (it only grows "
+             "within a process: read it as an upper bound), CUDA peak on a GPU. Teacher forward: samples passed "
+             "through the dense teacher during recovery (extra compute beyond the epoch budget).", ""]
     for key, s in results["keys"].items():
         dm, dsd = s["dense_acc"]
         lines += [f"## {key}, budget {results['budget']} epochs", "",
                   f"Dense: {_pm(dm, dsd)} % test ({s['dense_epochs']} epochs, one model per seed).", ""]
+        lines += _headline(key, s, results["default_row"]) + [""]
         for t, st in s["targets"].items():
-            lines += [f"### {t}x fewer MACs (best TP by validation after recovery: `{st['best_tp']}`)", "",
+            lines.append(f"Goals at {t}x:")
+            for g, v in st["goals"].items():
+                lines.append(f"- {GOAL_TEXT[g]}: **{'met' if v['met'] else 'not met'}** "
+                             f"({100 * v['diff']:+.1f} vs std {100 * v['std']:.1f} points)")
+            lines.append("")
+        for t, st in s["targets"].items():
+            lines += [f"### {key}, {t}x fewer MACs: every row", "",
                       "| row | achieved | raw % | BN % | recovered % | Δ rec vs best TP (paired) | seconds | "
                       "peak MB | teacher fwd |", "|---|---|---|---|---|---|---|---|---|"]
             pr = st["paired"].get("acc_rec", {})
@@ -330,13 +388,13 @@ def render(results: dict, command: str) -> str:
                 ptxt = "-" if p is None else f"{100 * p['mean']:+.1f} ± {100 * p['std']:.1f}"
                 name = row + (f" ({r['config']})" if r.get("config") else "") + (" **default**" if
                                                                                  row == results["default_row"] else "")
-                lines.append(f"| {name} | {r['achieved'][0]:.2f}x | {_pm(*r['acc_raw'])} | {_pm(*r['acc_bn'])} | "
+                name += " **best TP**" if row == st["best_tp"] else ""
+                iter_row = row.endswith("-iter")  # raw/BN of an iterative row are its first step's, not one-shot
+                raw = "(step 1)" if iter_row else _pm(*r["acc_raw"])
+                bn = "(step 1)" if iter_row else _pm(*r["acc_bn"])
+                lines.append(f"| {name} | {r['achieved'][0]:.2f}x | {raw} | {bn} | "
                              f"{_pm(*r['acc_rec'])} | {ptxt} | {r['seconds'][0]:.0f} | {r['peak_mem_mb'][0]:.0f} | "
                              f"{r['teacher_forwards'][0]:.0f} |")
-            lines.append("")
-            for g, v in st["goals"].items():
-                lines.append(f"- {GOAL_TEXT[g]}: **{'met' if v['met'] else 'not met'}** "
-                             f"({100 * v['diff']:+.1f} vs std {100 * v['std']:.1f} points)")
             lines.append("")
     return "\n".join(lines)
 
@@ -351,6 +409,7 @@ def main(argv=None) -> int:
     ap.add_argument("--root", default=str(ROOT))
     ap.add_argument("--out", default="docs/results/recovery")
     ap.add_argument("--scope", default="as run")
+    ap.add_argument("--skip", default="", help="rows to leave out, comma-separated (e.g. fp-finetune-iter)")
     ap.add_argument("--report-only", action="store_true")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -367,7 +426,7 @@ def main(argv=None) -> int:
 
     if not a.report_only:
         for k in keys:
-            run_key(k, seeds, targets, a.budget, root, dev, log)
+            run_key(k, seeds, targets, a.budget, root, dev, log, skip=[r for r in a.skip.split(",") if r])
     from flowprune.recover import DEFAULT_RECOVERY
 
     default_row = f"fp-{DEFAULT_RECOVERY}" + ("-iter" if DEFAULT_STEPS == "auto" else "")

@@ -138,3 +138,20 @@ def test_tp_hessian_accumulates_mean_squared_per_sample_gradients():
     g1 = torch.tensor([[-0.5, 0.0], [0.5, 0.0]])
     g2 = torch.tensor([[0.0, 1.0], [0.0, -1.0]])
     torch.testing.assert_close(lin.weight.grad, (g1 ** 2 + g2 ** 2) / 2)
+
+
+def test_compare_takes_a_recovery_and_picks_best_tp_on_validation_after_recovery():
+    from flowprune.compare import CompareConfig, summarise
+
+    with pytest.raises(FlowpruneError, match="unknown recovery 'x'; allowed: finetune, kd"):
+        CompareConfig.resolve(None, {"recovery": "x"})
+    assert CompareConfig.resolve(None, {"recovery": "kd", "finetune_lr": 0.02}).recipe().lr == 0.02
+    runs = []
+    # tp-a is better on test after recovery, tp-b on validation: the reference after recovery is tp-b
+    for seed in range(2):
+        for method, test, val in (("agf", 0.90, 0.90), ("tp-a", 0.95, 0.80), ("tp-b", 0.85, 0.85)):
+            runs.append({"method": method, "target": 4.0, "seed": seed, "acc_raw": 0.1, "acc_bn": test,
+                         "acc_ft": test, "val_ft": val, "achieved": 4.0, "macs": 1, "params": 1, "prune_seconds": 0})
+    rows = {r["method"]: r for r in summarise(runs, ["agf", "tp-a", "tp-b"], [4.0])}
+    assert rows["agf"]["ref_acc_ft"] == "tp-b" and rows["agf"]["d_acc_ft"] == pytest.approx(0.05)
+    assert rows["agf"]["ref_acc_bn"] == "tp-a"  # one-shot: the strongest one-shot configuration
