@@ -9,7 +9,11 @@ PY     := $(VENV)/bin/python
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.flowprune-installed
 
-.PHONY: demo test lint bench clean venv
+.PHONY: demo test lint bench clean venv fashion-data
+
+# Fashion-MNIST (load_dataset("fashion")) is read from Debian's dataset-fashion-mnist package;
+# install it where it is missing (the test suite does not need it: it keeps a 500-image subset).
+FASHION_DIR := /usr/share/datasets/fashion-mnist
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,14 +26,17 @@ venv: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/flowprune demo --out runs/demo
 
-test: $(STAMP)
+fashion-data:
+	@test -f $(FASHION_DIR)/train-images-idx3-ubyte.gz || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 || echo "dataset-fashion-mnist unavailable (install it with: sudo apt-get install -y dataset-fashion-mnist): the tests on the full Fashion-MNIST set will skip"
+
+test: $(STAMP) fashion-data
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 || echo "chromium unavailable: the browser test will skip"
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 
-bench: $(STAMP)
+bench: $(STAMP) fashion-data
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.run_all
 
 clean:

@@ -10,9 +10,17 @@ train split), and measured on the test split. Multi-step configurations re-score
 BN between steps (still no weight update). Torch-Pruning configurations run through its own
 ``MetaPruner`` (``flowprune.compare.tp_prune_to_target``), uniform and global.
 
-Every finished (model, seed, target, config) is appended to ``runs/bench/study/<model>.jsonl`` at
-once (resume); the summary (mean ± std over seeds) goes to ``docs/results/study_structural.json``
-and ``.md`` with ``--doc``.
+Every configuration pins every option (see CONFIGS), so the command in a table's header reproduces
+it from the code as it is. Every finished (model, seed, target, config) is appended to
+``runs/bench/study/<model>.jsonl`` at once (resume), with the code version it ran on (``git
+describe``); the summary (mean ± std over seeds) goes to ``docs/results/study_structural.json`` and
+``.md`` with ``--doc``.
+
+    python -m benchmarks.study_structural --from-json docs/results/study_structural.json --doc
+        rewrites the .md from the results file alone (nothing is run)
+    python -m benchmarks.study_structural --recheck --models cnn1d --seeds 0 --targets 2,16 --configs ... --doc
+        reruns those rows of the results file with today's code and writes
+        docs/results/study_structural_recheck.{json,md} (old and new accuracy side by side)
 """
 
 from __future__ import annotations
@@ -20,87 +28,119 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-# name -> (kind, settings). fp: flowprune.prune(...) with these keyword arguments; tp: (method, mode).
+# Every configuration pins every option (issue 20): a flowprune configuration names every field of
+# PruneConfig except those run_one sets for all of them (RUN_FIELDS) and every option of its score; a
+# Torch-Pruning configuration names every option of tp_prune_to_target except those run_one sets.
+# So a library default that changes later cannot change what a configuration computes
+# (tests/test_study_pinned.py checks this). Score options, spelled out:
+AGF_PAPER = {"feature": "post", "abs_mode": "elementwise", "calibration": "frozen", "trajectory_lr": 0.01,
+             "center": False}
+AGFC = {**AGF_PAPER, "center": True}  # centred; |.| elementwise (agf's default until issue 9)
+AGFC_AS = {**AGFC, "abs_mode": "after_sum"}  # |.| after the per-sample sum (agf's default since issue 9)
+AGFC_SQ = {**AGFC, "abs_mode": "squared"}
+L2 = {"bn": "fold", "group": "producers"}
+TAYLOR: dict = {}
+RANDOM = {"seed": 0}
+# the same for every flowprune configuration of the study: one-shot cuts (no training), BN re-estimated
+FIXED = {"schedule": "geometric", "reestimate_bn": True, "min_width": 1, "round_to": 1,
+         "kinds": ("channel", "neuron", "head"), "finetune_epochs": 0, "final_finetune_epochs": 0,
+         "finetune_config": None}
+# set by run_one for every configuration alike
+RUN_FIELDS = ("target_macs", "ratio", "calib_batches", "calib_batch_size", "seed", "measure")
+TP_RUN_FIELDS = ("model", "method", "target", "input_shape", "batches", "seed", "cache", "importance")
+
+
+def fp(method: str, score_options: dict, *, budget: str, normalize: str, compensate: bool,
+       steps: int | str) -> tuple[str, dict]:
+    """A flowprune.prune configuration; every argument is required (no default can leak in)."""
+    return "fp", {"method": method, "score_options": dict(score_options), "budget": budget, "normalize": normalize,
+                  "compensate": compensate, "steps": steps, **FIXED}
+
+
+def tp(method: str, *, mode: str, steps: int) -> tuple[str, dict]:
+    """A Torch-Pruning MetaPruner configuration (tp_prune_to_target's search settings pinned too)."""
+    return "tp", {"method": method, "mode": mode, "steps": steps, "tol": 0.03, "round_to": None,
+                  "max_pruning_ratio": 0.95, "max_trials": 12}
+
+
+def _agf(score: dict, budget: str, *, steps: int | str = 1, compensate: bool = False,
+         normalize: str = "unit") -> tuple[str, dict]:
+    # the study's own naming convention, not the library's defaults: no -mc = compensate False, no -sN = 1 step
+    return fp("agf" if score["center"] else "agf-paper", score, budget=budget,
+              normalize=normalize, compensate=compensate, steps=steps)
+
+
+# name -> (kind, settings). fp: flowprune.prune(...) with these keyword arguments; tp: tp_prune_to_target.
 CONFIGS: dict[str, tuple[str, dict]] = {
-    "agf-paper": ("fp", {"method": "agf-paper", "budget": "layer"}),
-    "agf-layer": ("fp", {"method": "agf-paper", "budget": "layer"}),
-    "agf-global": ("fp", {"method": "agf-paper", "budget": "global", "normalize": "unit"}),
-    "agf-raw-global": ("fp", {"method": "agf-paper", "budget": "global", "score_options": {"feature": "raw"}}),
-    "agf-global-s4": ("fp", {"method": "agf-paper", "budget": "global", "steps": 4}),
-    "agf-global-s8": ("fp", {"method": "agf-paper", "budget": "global", "steps": 8}),
-    "agf-layer-s8": ("fp", {"method": "agf-paper", "budget": "layer", "steps": 8}),
-    "agf-macs": ("fp", {"method": "agf-paper", "budget": "macs"}),
-    "agfc-macs": ("fp", {"method": "agf", "budget": "macs", "score_options": {"center": True}}),
-    "agfc-macs-s8": ("fp", {"method": "agf", "budget": "macs", "steps": 8, "score_options": {"center": True}}),
-    "taylor-macs-s8": ("fp", {"method": "taylor", "budget": "macs", "steps": 8}),
-    "agf-macs-s8": ("fp", {"method": "agf-paper", "budget": "macs", "steps": 8}),
-    "agfc-global": ("fp", {"method": "agf", "budget": "global", "score_options": {"center": True}}),
-    "agfc-layer": ("fp", {"method": "agf", "budget": "layer", "score_options": {"center": True}}),
-    "agfc-global-s8": ("fp", {"method": "agf", "budget": "global", "steps": 8, "score_options": {"center": True}}),
-    "agfc-as-global": ("fp", {"method": "agf", "budget": "global",
-                              "score_options": {"center": True, "abs_mode": "after_sum"}}),
-    "agfc-raw-global": ("fp", {"method": "agf", "budget": "global",
-                               "score_options": {"center": True, "feature": "raw"}}),
-    "agfc-as-layer": ("fp", {"method": "agf", "budget": "layer",
-                             "score_options": {"center": True, "abs_mode": "after_sum"}}),
-    "agfc-as-global-s8": ("fp", {"method": "agf", "budget": "global", "steps": 8,
-                                 "score_options": {"center": True, "abs_mode": "after_sum"}}),
-    "agfc-as-layer-s8": ("fp", {"method": "agf", "budget": "layer", "steps": 8,
-                                "score_options": {"center": True, "abs_mode": "after_sum"}}),
-    "agfc-layer-s8": ("fp", {"method": "agf", "budget": "layer", "steps": 8, "score_options": {"center": True}}),
-    "agfc-sq-layer": ("fp", {"method": "agf", "budget": "layer", "score_options": {"center": True, "abs_mode": "squared"}}),
-    "agfc-sq-global": ("fp", {"method": "agf", "budget": "global", "score_options": {"center": True, "abs_mode": "squared"}}),
-    "agfc-sq-block": ("fp", {"method": "agf", "budget": "global", "normalize": "block",
-                             "score_options": {"center": True, "abs_mode": "squared"}}),
-    "agfc-as-block": ("fp", {"method": "agf", "budget": "global", "normalize": "block",
-                             "score_options": {"center": True, "abs_mode": "after_sum"}}),
-    "agfc-sq-macs": ("fp", {"method": "agf", "budget": "macs", "score_options": {"center": True, "abs_mode": "squared"}}),
-    "agf-sq-global": ("fp", {"method": "agf-paper", "budget": "global", "score_options": {"abs_mode": "squared"}}),
-    "agfc-as-global-mc": ("fp", {"method": "agf", "budget": "global", "compensate": True,
-                                 "score_options": {"center": True, "abs_mode": "after_sum"}}),
-    "agfc-as-layer-mc": ("fp", {"method": "agf", "budget": "layer", "compensate": True,
-                                "score_options": {"center": True, "abs_mode": "after_sum"}}),
-    "agfc-sq-layer-mc": ("fp", {"method": "agf", "budget": "layer", "compensate": True,
-                                "score_options": {"center": True, "abs_mode": "squared"}}),
-    "agfc-sq-global-mc": ("fp", {"method": "agf", "budget": "global", "compensate": True,
-                                 "score_options": {"center": True, "abs_mode": "squared"}}),
-    "taylor-global-mc": ("fp", {"method": "taylor", "budget": "global", "compensate": True}),
-    "l2-layer-mc": ("fp", {"method": "l2", "budget": "layer", "compensate": True}),
-    "agfc-as-global-mc-auto": ("fp", {"method": "agf", "budget": "global", "compensate": True, "steps": "auto",
-                                      "score_options": {"center": True, "abs_mode": "after_sum"}}),
-    "agfc-sq-layer-mc-auto": ("fp", {"method": "agf", "budget": "layer", "compensate": True, "steps": "auto",
-                                     "score_options": {"center": True, "abs_mode": "squared"}}),
-    "taylor-layer": ("fp", {"method": "taylor", "budget": "layer"}),
-    "taylor-global": ("fp", {"method": "taylor", "budget": "global"}),
-    "taylor-global-s8": ("fp", {"method": "taylor", "budget": "global", "steps": 8}),
-    "l2-global": ("fp", {"method": "l2", "budget": "global"}),
-    "l2-layer": ("fp", {"method": "l2", "budget": "layer"}),
-    "l2-global-s8": ("fp", {"method": "l2", "budget": "global", "steps": 8}),
-    "random-layer": ("fp", {"method": "random", "budget": "layer"}),
-    "tp-magnitude-uniform": ("tp", {"method": "tp-magnitude", "mode": "auto"}),
-    "tp-magnitude-global": ("tp", {"method": "tp-magnitude", "mode": "global"}),
-    "tp-taylor-uniform": ("tp", {"method": "tp-taylor", "mode": "auto"}),
-    "tp-taylor-global": ("tp", {"method": "tp-taylor", "mode": "global"}),
-    "tp-magnitude-uniform-s8": ("tp", {"method": "tp-magnitude", "mode": "auto", "steps": 8}),
-    "tp-taylor-global-s8": ("tp", {"method": "tp-taylor", "mode": "global", "steps": 8}),
-    "tp-taylor-uniform-s8": ("tp", {"method": "tp-taylor", "mode": "auto", "steps": 8}),
-    "tp-bn-scale-uniform": ("tp", {"method": "tp-bn-scale", "mode": "auto"}),
-    "tp-bn-scale-global": ("tp", {"method": "tp-bn-scale", "mode": "global"}),
+    "agf-paper": _agf(AGF_PAPER, "layer"),
+    "agf-layer": _agf(AGF_PAPER, "layer"),
+    "agf-global": _agf(AGF_PAPER, "global"),
+    "agf-raw-global": _agf({**AGF_PAPER, "feature": "raw"}, "global"),
+    "agf-global-s4": _agf(AGF_PAPER, "global", steps=4),
+    "agf-global-s8": _agf(AGF_PAPER, "global", steps=8),
+    "agf-layer-s8": _agf(AGF_PAPER, "layer", steps=8),
+    "agf-macs": _agf(AGF_PAPER, "macs"),
+    "agf-macs-s8": _agf(AGF_PAPER, "macs", steps=8),
+    "agf-sq-global": _agf({**AGF_PAPER, "abs_mode": "squared"}, "global"),
+    "agfc-macs": _agf(AGFC, "macs"),
+    "agfc-macs-s8": _agf(AGFC, "macs", steps=8),
+    "agfc-global": _agf(AGFC, "global"),
+    "agfc-layer": _agf(AGFC, "layer"),
+    "agfc-global-s8": _agf(AGFC, "global", steps=8),
+    "agfc-layer-s8": _agf(AGFC, "layer", steps=8),
+    "agfc-raw-global": _agf({**AGFC, "feature": "raw"}, "global"),
+    "agfc-as-global": _agf(AGFC_AS, "global"),
+    "agfc-as-layer": _agf(AGFC_AS, "layer"),
+    "agfc-as-global-s8": _agf(AGFC_AS, "global", steps=8),
+    "agfc-as-layer-s8": _agf(AGFC_AS, "layer", steps=8),
+    "agfc-as-block": _agf(AGFC_AS, "global", normalize="block"),
+    "agfc-sq-layer": _agf(AGFC_SQ, "layer"),
+    "agfc-sq-global": _agf(AGFC_SQ, "global"),
+    "agfc-sq-block": _agf(AGFC_SQ, "global", normalize="block"),
+    "agfc-sq-macs": _agf(AGFC_SQ, "macs"),
+    "agfc-as-global-mc": _agf(AGFC_AS, "global", compensate=True),
+    "agfc-as-layer-mc": _agf(AGFC_AS, "layer", compensate=True),
+    "agfc-sq-layer-mc": _agf(AGFC_SQ, "layer", compensate=True),
+    "agfc-sq-global-mc": _agf(AGFC_SQ, "global", compensate=True),
+    "agfc-as-global-mc-auto": _agf(AGFC_AS, "global", compensate=True, steps="auto"),
+    "agfc-sq-layer-mc-auto": _agf(AGFC_SQ, "layer", compensate=True, steps="auto"),
+    "taylor-layer": fp("taylor", TAYLOR, budget="layer", normalize="unit", compensate=False, steps=1),
+    "taylor-global": fp("taylor", TAYLOR, budget="global", normalize="unit", compensate=False, steps=1),
+    "taylor-global-s8": fp("taylor", TAYLOR, budget="global", normalize="unit", compensate=False, steps=8),
+    "taylor-macs-s8": fp("taylor", TAYLOR, budget="macs", normalize="unit", compensate=False, steps=8),
+    "taylor-global-mc": fp("taylor", TAYLOR, budget="global", normalize="unit", compensate=True, steps=1),
+    "l2-global": fp("l2", L2, budget="global", normalize="unit", compensate=False, steps=1),
+    "l2-layer": fp("l2", L2, budget="layer", normalize="unit", compensate=False, steps=1),
+    "l2-global-s8": fp("l2", L2, budget="global", normalize="unit", compensate=False, steps=8),
+    "l2-layer-mc": fp("l2", L2, budget="layer", normalize="unit", compensate=True, steps=1),
+    "random-layer": fp("random", RANDOM, budget="layer", normalize="unit", compensate=False, steps=1),
+    "tp-magnitude-uniform": tp("tp-magnitude", mode="auto", steps=1),
+    "tp-magnitude-global": tp("tp-magnitude", mode="global", steps=1),
+    "tp-taylor-uniform": tp("tp-taylor", mode="auto", steps=1),
+    "tp-taylor-global": tp("tp-taylor", mode="global", steps=1),
+    "tp-magnitude-uniform-s8": tp("tp-magnitude", mode="auto", steps=8),
+    "tp-taylor-global-s8": tp("tp-taylor", mode="global", steps=8),
+    "tp-taylor-uniform-s8": tp("tp-taylor", mode="auto", steps=8),
+    "tp-bn-scale-uniform": tp("tp-bn-scale", mode="auto", steps=1),
+    "tp-bn-scale-global": tp("tp-bn-scale", mode="global", steps=1),
 }
 GROUPS = {
     "tp-best": [k for k in CONFIGS if k.startswith("tp-")],
     "all": list(CONFIGS),
 }
-# Names: agf-* = the paper's plain reading (agf-paper); agfc = centred (center=True); -as = abs after the
-# per-sample sum; -sq = squared; -layer/-global/-block/-macs = allocation; -sN = N steps with BN
-# re-estimation and re-scoring in between (no training); -auto = steps="auto"; -mc = mean compensation.
-# The library's default is agfc-as-global-mc.
+# Names: agf-* = the paper's plain reading (agf-paper); agfc = centred (center=True), |.| elementwise;
+# -as = abs after the per-sample sum; -sq = squared; -layer/-global/-block/-macs = allocation; -sN = N
+# steps with BN re-estimation and re-scoring in between (no training); -auto = steps="auto"; -mc = mean
+# compensation (without -mc: none). "-uniform" Torch-Pruning configurations use mode "auto" (uniform,
+# global where a uniform ratio cannot land on the target). The library's default (issue 9) is
+# agfc-as-global-mc.
 CALIB_BATCHES, CALIB_BATCH_SIZE = 10, 128
 
 
@@ -128,21 +168,44 @@ def run_one(key: str, seed: int, target: float, config: str) -> dict:
         # multi-step configurations (fresh calibration batches, gradients and BN statistics per step)
         from flowprune.schedules import macs_schedule
 
-        steps = kw.get("steps", 1)
+        steps = kw["steps"]
         dm, _ = count_macs_params(dense, shape)
         model = dense
         for s, t_s in enumerate(macs_schedule(target, steps)):
             calib = data.calibration_batches(CALIB_BATCH_SIZE, CALIB_BATCHES, seed=seed * 1000 + s)
             cur, _ = count_macs_params(model, shape)
             model, _info = tp_prune_to_target(model, kw["method"], t_s * cur / dm, input_shape=shape,
-                                              batches=calib, mode=kw["mode"], seed=seed)
+                                              batches=calib, mode=kw["mode"], seed=seed, tol=kw["tol"],
+                                              round_to=kw["round_to"], max_pruning_ratio=kw["max_pruning_ratio"],
+                                              max_trials=kw["max_trials"])
             reestimate_bn(model, calib)
         m, _ = count_macs_params(model, shape)
         reduction = dm / m
     secs = time.perf_counter() - t0
     acc = accuracy(model, test)
     return {"model": key, "seed": seed, "target": target, "config": config, "acc_bn": acc,
-            "reduction": reduction, "dense_acc": info["dense_acc"], "seconds": secs}
+            "reduction": reduction, "dense_acc": info["dense_acc"], "seconds": secs, "code": code_version()}
+
+
+def code_version() -> str:
+    """``git describe --always --dirty`` of the working tree (``unknown`` outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                             timeout=10, cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def dedupe(rows: list[dict]) -> list[dict]:
+    """One row per (model, seed, target, config): the first (a resumed run can append a row twice)."""
+    seen, out = set(), []
+    for r in rows:
+        k = (r["model"], r["seed"], r["target"], r["config"])
+        if k not in seen:
+            seen.add(k)
+            out.append(r)
+    return out
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -174,31 +237,62 @@ def table(summary: list[dict], model: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", default="cnn1d")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--targets", default="2,4,8,16")
-    p.add_argument("--configs", default="all")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--doc", action="store_true", help="write docs/results/study_structural.{json,md}")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    configs: list[str] = []
-    for c in args.configs.split(","):
-        configs += GROUPS.get(c, [c])
-    for c in configs:
-        if c not in CONFIGS:
-            raise SystemExit(f"unknown config {c!r}; choose from {', '.join(list(CONFIGS) + list(GROUPS))}")
+RESULTS = Path("docs/results/study_structural.json")
+
+
+def write_doc(rows: list[dict], cmd: str, provenance: str, path: Path = RESULTS) -> str:
+    """The summary tables as markdown (returned), and with a path, the .json (runs, summary) and .md."""
+    summary = summarise(rows)
+    versions = sorted({r.get("code", "not recorded") for r in rows})
+    text = [f"Command: `{cmd}`", "", f"Code versions of the rows: {', '.join(versions)}.", ""]
+    if provenance:
+        text += [provenance, ""]
+    for key in sorted({r["model"] for r in rows}):
+        text += [f"## {key}", "", table(summary, key), ""]
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"command": cmd, "provenance": provenance, "summary": summary, "runs": rows},
+                                   indent=1))
+        path.with_suffix(".md").write_text("# Study: one-shot structural pruning configurations\n\n"
+                                           + "\n".join(text) + "\n")
+    return "\n".join(text)
+
+
+def recheck(rows: list[dict], wanted: list[tuple], cmd: str, doc: bool) -> str:
+    """Rerun ``wanted`` (model, seed, target, config) with today's code next to the results file's rows."""
+    old = {(r["model"], r["seed"], r["target"], r["config"]): r for r in rows}
+    out = []
+    for key, seed, target, c in wanted:
+        r = run_one(key, seed, target, c)
+        o = old.get((key, seed, target, c))
+        out.append({**r, "acc_results_file": None if o is None else o["acc_bn"],
+                    "same": None if o is None else abs(o["acc_bn"] - r["acc_bn"]) < 5e-4})
+        was = "-" if o is None else f"{100 * o['acc_bn']:.1f}"
+        print(f"{key} s{seed} {target:g}x {c:24s} file {was} now {100 * r['acc_bn']:.1f}", flush=True)
+    lines = [f"Command: `{cmd}`", "", f"Code: {code_version()}. Each row of {RESULTS} named below, rerun with",
+             "its pinned configuration on today's code (same dense model recipe, seed, calibration).", "",
+             "| model | seed | target | config | results file | today | same |", "|---|---|---|---|---|---|---|"]
+    for r in out:
+        was = "-" if r["acc_results_file"] is None else f"{100 * r['acc_results_file']:.1f}"
+        lines.append(f"| {r['model']} | {r['seed']} | {r['target']:g}x | {r['config']} | {was} | "
+                     f"{100 * r['acc_bn']:.1f} | {'-' if r['same'] is None else ('yes' if r['same'] else 'no')} |")
+    if doc:
+        p = RESULTS.with_name("study_structural_recheck.json")
+        p.write_text(json.dumps({"command": cmd, "code": code_version(), "rows": out}, indent=1))
+        p.with_suffix(".md").write_text("# Study rows rerun on today's code\n\n" + "\n".join(lines) + "\n")
+    return "\n".join(lines)
+
+
+def _run(models: list[str], seeds: list[int], targets: list[float], configs: list[str]) -> list[dict]:
     root = Path("runs/bench/study")
     root.mkdir(parents=True, exist_ok=True)
     all_rows = []
-    for key in args.models.split(","):
+    for key in models:
         f = root / f"{key}.jsonl"
         rows = [json.loads(line) for line in f.read_text().splitlines()] if f.exists() else []
         done = {(r["seed"], r["target"], r["config"]) for r in rows}
-        for seed in [int(s) for s in args.seeds.split(",")]:
-            for target in [float(t) for t in args.targets.split(",")]:
+        for seed in seeds:
+            for target in targets:
                 for c in configs:
                     if (seed, target, c) in done:
                         continue
@@ -209,18 +303,43 @@ def main(argv=None) -> int:
                     print(f"{key} s{seed} {target:g}x {c:24s} {100 * r['acc_bn']:6.2f}  "
                           f"({r['reduction']:.2f}x, {r['seconds']:.0f} s)", flush=True)
         all_rows += rows
-    summary = summarise(all_rows)
+    return dedupe(all_rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="cnn1d")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--targets", default="2,4,8,16")
+    p.add_argument("--configs", default="all")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--doc", action="store_true", help="write docs/results/study_structural.{json,md}")
+    p.add_argument("--from-json", default=None, metavar="PATH",
+                   help="no runs: rebuild the summary and the .md from the runs in this results file")
+    p.add_argument("--recheck", action="store_true",
+                   help="rerun the selected rows of the results file on today's code, side by side")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    configs: list[str] = []
+    for c in args.configs.split(","):
+        configs += GROUPS.get(c, [c])
+    for c in configs:
+        if c not in CONFIGS:
+            raise SystemExit(f"unknown config {c!r}; choose from {', '.join(list(CONFIGS) + list(GROUPS))}")
+    models, seeds = args.models.split(","), [int(s) for s in args.seeds.split(",")]
+    targets = [float(t) for t in args.targets.split(",")]
     cmd = "python -m benchmarks.study_structural " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = [f"Command: `{cmd}`", ""]
-    for key in args.models.split(","):
-        text += [f"## {key}", "", table(summary, key), ""]
-    print("\n".join(text))
-    if args.doc:
-        Path("docs/results").mkdir(parents=True, exist_ok=True)
-        Path("docs/results/study_structural.json").write_text(json.dumps({"command": cmd, "summary": summary,
-                                                                          "runs": all_rows}, indent=1))
-        Path("docs/results/study_structural.md").write_text("# Study: one-shot structural pruning configurations\n\n"
-                                                            + "\n".join(text) + "\n")
+    if args.from_json or args.recheck:
+        saved = json.loads(Path(args.from_json or RESULTS).read_text())
+        if args.recheck:
+            wanted = [(m, s, t, c) for m in models for s in seeds for t in targets for c in configs]
+            print(recheck(saved["runs"], wanted, cmd, args.doc))
+            return 0
+        text = write_doc(dedupe(saved["runs"]), cmd, saved.get("provenance", ""),
+                         RESULTS if args.doc else None)
+    else:
+        text = write_doc(_run(models, seeds, targets, configs), cmd, "", RESULTS if args.doc else None)
+    print(text)
     return 0
 
 

@@ -40,6 +40,18 @@ def mnist1d_data():
     return load_dataset("mnist1d", seed=0)
 
 
+FASHION_MINI = os.path.join(os.path.dirname(__file__), "data", "fashion-mnist-mini")
+
+
+@pytest.fixture(scope="session")
+def fashion_mini_data():
+    """The committed 500-image Fashion-MNIST subset (tests/data/fashion-mnist-mini), 1x28x28: 350 / 50 / 100.
+
+    Read by ``load_dataset("fashion", root=...)`` like the full set, so no test needs Debian's package.
+    """
+    return load_dataset("fashion", root=FASHION_MINI, seed=0)
+
+
 _CACHE: dict[str, torch.nn.Module] = {}
 
 

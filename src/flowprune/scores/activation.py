@@ -24,7 +24,7 @@ from flowprune.scores.base import (
     modules_of,
     register_score,
 )
-from flowprune.scores.magnitude import BN_MODES, bn_fold_factors
+from flowprune.scores.magnitude import BN_MODES, bn_fold_factors, folded_weight
 
 
 def input_norms(model: nn.Module, names: set[str], batches) -> dict[str, torch.Tensor]:
@@ -59,8 +59,11 @@ def _expanded_norm(mod: nn.Module, xn: torch.Tensor, w: torch.Tensor) -> torch.T
 
 
 class _ActivationScore(Score):
-    """Per-weight activation-aware magnitude; ``bn="fold"`` (default) scales each producer row by its
-    BatchNorm's |gamma| / sqrt(var + eps), as :mod:`flowprune.scores.magnitude` explains."""
+    """Per-weight activation-aware magnitude of the unit's producers. With ``bn="fold"`` (default) the
+    score is computed on the *folded* weights: every producer's output row multiplied by its
+    BatchNorm's |gamma| / sqrt(var + eps) (:func:`flowprune.scores.magnitude.bn_fold_factors`, which
+    finds the BN of every producer of a residual stage). For Wanda that equals scaling the score row;
+    for RIA it does not (its row normalisation cancels a row's factor, its column sums mix them)."""
 
     OPTIONS = {"bn": "fold"}
 
@@ -75,21 +78,21 @@ class _ActivationScore(Score):
         mods = modules_of(model)
         names = {m.module_name for u in units for m in u.producers}
         norms = input_norms(model, names, batches)
-        cache: dict[str, torch.Tensor] = {}
+        cache: dict[tuple[str, bool], torch.Tensor] = {}
         out = {}
         for u in units:
             acc = torch.zeros(u.size, dtype=torch.float64)
             factors = bn_fold_factors(model, u) if self.options["bn"] == "fold" else {}
             for m in u.producers:
-                if m.module_name not in cache:
+                f = factors.get(m.module_name)
+                key = (m.module_name, f is not None)  # a layer's BN fold does not depend on the unit
+                if key not in cache:
                     mod = mods[m.module_name]
-                    w = mod.weight.detach().double().cpu()
                     if m.module_name not in norms:
                         raise FlowpruneError(f"layer {m.module_name} saw no input in the calibration batches")
-                    cache[m.module_name] = self.per_weight(mod, w, norms[m.module_name]).flatten(1).sum(1)
-                row = cache[m.module_name][m.idxs]
-                f = factors.get(m.module_name)
-                acc.index_add_(0, m.root_idxs, row * f if f is not None else row)
+                    w = folded_weight(mod.weight.detach().double().cpu(), f)
+                    cache[key] = self.per_weight(mod, w, norms[m.module_name]).flatten(1).sum(1)
+                acc.index_add_(0, m.root_idxs, cache[key][m.idxs])
             out[u.name] = acc
         return out
 

@@ -5,10 +5,13 @@ Magnitude on BN nets must see BatchNorm: a conv followed by BN outputs
 divided away and only the *folded* filter ``w_c * gamma_c / sqrt(var_c + eps)`` says how strongly
 the channel writes into the network. Both choices are options (defaults first):
 
-* ``bn``: ``"fold"`` -- each producer row is multiplied by ``|gamma_c| / sqrt(running_var_c + eps)``
-  of the BatchNorm that normalises that producer's output (found on the unit's Torch-Pruning
-  group: the dependency from the producer's out-channels to the BN's); producers with no BN (or
-  LayerNorm/GroupNorm, which normalise across channels, not per channel) are not scaled;
+* ``bn``: ``"fold"`` -- every producer of the unit (each conv / linear whose output rows it cuts:
+  in a residual stage, the conv of every block that writes into the sum) has its weight folded:
+  output row ``c`` multiplied by ``|gamma_c| / sqrt(running_var_c + eps)`` of the BatchNorm that
+  normalises that producer's output (:func:`bn_after`: the BatchNorm node whose input node is the
+  producer in Torch-Pruning's module graph, whatever the direction of the group's dependencies);
+  producers with no BN (or LayerNorm/GroupNorm, which normalise across channels, not per channel)
+  are not scaled;
   ``"ignore"`` -- the raw filter weights (the pre-2024 reading; on BN nets close to random).
 * ``group``: ``"producers"`` -- the unit's filters only (every layer whose output rows the unit
   cuts: the root filter and, for coupled groups, the other filters writing the same channels;
@@ -34,36 +37,62 @@ BN_MODES = ("fold", "ignore")
 GROUP_MODES = ("producers", "all")
 
 
-def bn_fold_factors(model: nn.Module, unit) -> dict[str, torch.Tensor]:
-    """``{producer name: Tensor(len(member.idxs))}``: |gamma| / sqrt(running_var + eps) of the BatchNorm
-    that normalises each producer's output rows, aligned with the producer member's ``idxs``.
+_PRODUCER_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 
-    The pairing comes from the unit's Torch-Pruning group (a dependency whose source is the producer
-    and whose target is a BatchNorm); producers with no such BN are absent (factor 1).
+
+def bn_after(model: nn.Module, unit) -> dict[str, nn.Module]:
+    """``{producer name: the BatchNorm that normalises its output}`` for the unit's producers.
+
+    Found on Torch-Pruning's *module graph*, not on the direction of the group's dependencies: every
+    BatchNorm node of the unit's group whose one input node is a producer of the unit normalises that
+    producer's output channels one to one. (In a residual stage the group reaches most producers
+    BN -> conv, backwards through the sum; reading only conv -> BN dependencies, as flowprune did
+    before, left 3 of the 4 producers of a ResNet stage unfolded.) A BatchNorm fed by a concatenation
+    or a reshape has no single producer input and is not paired; nor are LayerNorm / GroupNorm.
     """
     group = getattr(unit, "group", None)
     if group is None:
         return {}
-    mods = modules_of(model)
-    name_of = {m: n for n, m in mods.items()}
-    bn_of: dict[str, nn.Module] = {}
+    name_of = {m: n for n, m in modules_of(model).items()}
+    producers = {p.module_name for p in unit.producers}
+    out: dict[str, nn.Module] = {}
     for item in group:
-        dep = item.dep
-        src, tgt = getattr(dep.source, "module", None), getattr(dep.target, "module", None)
-        if isinstance(tgt, nn.modules.batchnorm._BatchNorm) and isinstance(src, (nn.modules.conv._ConvNd, nn.Linear)):
-            n = name_of.get(src)
-            if n is not None and name_of.get(tgt) is not None:
-                bn_of.setdefault(n, tgt)
+        for node in (item.dep.source, item.dep.target):
+            bn = getattr(node, "module", None)
+            if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn not in name_of:
+                continue
+            inputs = {id(i.module): i.module for i in getattr(node, "inputs", [])}
+            if len(inputs) != 1:
+                continue
+            (src,) = inputs.values()
+            name = name_of.get(src) if isinstance(src, _PRODUCER_TYPES) else None
+            if name in producers:
+                out.setdefault(name, bn)
+    return out
+
+
+def bn_fold_factors(model: nn.Module, unit) -> dict[str, torch.Tensor]:
+    """``{producer name: Tensor(out_features,)}``, float64 on the CPU: |gamma| / sqrt(running_var + eps)
+    of the BatchNorm that normalises each producer's output (:func:`bn_after`), one factor per output
+    row of the producer (index it with the member's ``idxs``). Producers with no such BN, or a BN
+    without running statistics, are absent (factor 1)."""
+    mods = modules_of(model)
     out = {}
-    for p in unit.producers:
-        bn = bn_of.get(p.module_name)
-        if bn is None or not bn.track_running_stats or bn.running_var is None:
+    for name, bn in bn_after(model, unit).items():
+        if not bn.track_running_stats or bn.running_var is None:
             continue
         gamma = bn.weight.detach().abs() if bn.weight is not None else torch.ones_like(bn.running_var)
         f = (gamma / torch.sqrt(bn.running_var.detach() + bn.eps)).double().cpu()
-        if f.numel() > int(p.idxs.max()):
-            out[p.module_name] = f[p.idxs]
+        if f.numel() == mods[name].weight.shape[0]:
+            out[name] = f
     return out
+
+
+def folded_weight(w: torch.Tensor, f: torch.Tensor | None) -> torch.Tensor:
+    """``w`` with output row ``o`` multiplied by ``f[o]`` (the BN fold); ``w`` itself when ``f`` is None."""
+    if f is None:
+        return w
+    return w * f.to(w.dtype).reshape(-1, *([1] * (w.dim() - 1)))
 
 
 def consumer_columns(w: torch.Tensor, idxs: torch.Tensor, module: nn.Module) -> torch.Tensor:
@@ -89,10 +118,8 @@ def group_norm(model: nn.Module, unit, p: int, bn: str = "fold", group: str = "p
     factors = bn_fold_factors(model, unit) if bn == "fold" else {}
     acc = torch.zeros(unit.size, dtype=torch.float64)
     for m in unit.producers:
-        rows = weight_rows(mods[m.module_name].weight, m.idxs).double().cpu()
-        f = factors.get(m.module_name)
-        if f is not None:
-            rows = rows * f[:, None]
+        w = folded_weight(mods[m.module_name].weight.detach().double().cpu(), factors.get(m.module_name))
+        rows = weight_rows(w, m.idxs)
         acc.index_add_(0, m.root_idxs, rows.abs().sum(1) if p == 1 else (rows ** 2).sum(1))
     if group == "all":
         for m in unit.consumers:
