@@ -94,17 +94,18 @@ def test_recover_counts_teacher_passes_and_trains(digits_data):
 
 
 def test_prune_with_kd_in_a_shared_budget_cuts_trains_and_resumes(tmp_path, trained_resnet20_digits, digits_data):
-    data = _small(digits_data, n_train=512)
+    data = _small(digits_data, n_train=256)
     m = trained_resnet20_digits
     kw = dict(target_macs=3.0, steps=2, recovery_epochs=3, calib_batches=2, calib_batch_size=32,
               finetune_config=TrainConfig(lr=0.01, batch_size=128, augment=False))
     res = prune(m, data, checkpoint_dir=tmp_path / "ck", **kw)
     assert abs(res.reduction / 3.0 - 1) <= 0.03
     assert [h["recovery_epochs"] for h in res.history] == [1, 2]
-    assert [h["teacher_forwards"] for h in res.history] == [512, 1024]
+    assert [h["teacher_forwards"] for h in res.history] == [256, 512]  # 2 batches of 128 per epoch
     assert res.config["recovery"]["name"] == "kd" and res.config["recovery_epochs"] == 3
-    # the recovery trained the cut model: its outputs differ from the cut, BN-re-estimated one
-    assert all(0.0 <= h["acc_ft"] <= 1.0 for h in res.history)
+    # without recovery the first cut is the same (the second step scores the recovered model)
+    cut = prune(m, data, target_macs=3.0, steps=2, calib_batches=2, calib_batch_size=32)
+    assert cut.history[0]["widths"] == res.history[0]["widths"]
     state = json.loads((tmp_path / "ck" / "state.json").read_text())
     assert state["step"] == 2
     again = prune(m, data, checkpoint_dir=tmp_path / "ck", **kw)  # resumes: nothing left to do
@@ -112,17 +113,6 @@ def test_prune_with_kd_in_a_shared_budget_cuts_trains_and_resumes(tmp_path, trai
     torch.testing.assert_close(again.model.eval()(x), res.model.eval()(x))
     with pytest.raises(FlowpruneError, match="other arguments"):
         prune(m, data, checkpoint_dir=tmp_path / "ck", **{**kw, "recovery": "finetune"})
-
-
-def test_kd_recovery_trains_the_cut_model(trained_resnet20_digits, digits_data):
-    data = _small(digits_data, n_train=512)
-    m = trained_resnet20_digits
-    cut = prune(m, data, target_macs=2.0, calib_batches=2, calib_batch_size=32)
-    rec = prune(m, data, target_macs=2.0, calib_batches=2, calib_batch_size=32, recovery_epochs=2,
-                finetune_config=TrainConfig(lr=0.01, batch_size=128, augment=False))
-    assert cut.widths == rec.widths  # the same cut ...
-    x = data.test.tensors[0][:8]
-    assert not torch.allclose(cut.model.eval()(x), rec.model.eval()(x))  # ... then trained
 
 
 def test_tp_hessian_accumulates_mean_squared_per_sample_gradients():
