@@ -34,6 +34,7 @@ teacher forward passes (samples). Every finished run is a JSON file under ``--ca
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import resource
 import statistics
@@ -182,7 +183,8 @@ def run_key(key: str, seeds, targets, budget: int, root: Path, dev, log, skip=()
         calib = data.calibration_batches(CALIB[1], CALIB[0], seed=seed * 1000, split="train")
         dense[seed] = (model, data, calib, {})
         log(f"{key} seed {seed}: dense test {100 * dinfo['dense_acc']:.1f}")
-    rows = [r for r in (*FP_VARIANTS, "random-finetune", "random-kd", *tp_rows()) if r not in skip]
+    rows = [r for r in (*FP_VARIANTS, "random-finetune", "random-kd", *tp_rows())
+            if not any(fnmatch.fnmatch(r, pat) for pat in skip)]
     for target in targets:
         for seed in seeds:
             model, data, calib, tp_cache = dense[seed]
@@ -229,9 +231,11 @@ def _pm(m, s) -> str:
     return "-" if m is None else f"{100 * m:.1f} ± {100 * s:.1f}"
 
 
-def summarise_key(cache_root: Path, default_row: str) -> dict:
-    """Rows, paired differences and goal checks for one model:data from the cached runs."""
-    runs = load_runs(cache_root)
+def summarise_key(cache_root: Path, default_row: str, targets=None, seeds=None) -> dict:
+    """Rows, paired differences and goal checks for one model:data from the cached runs (of ``targets``
+    and ``seeds`` when given)."""
+    runs = [r for r in load_runs(cache_root) if (targets is None or r["target"] in targets)
+            and (seeds is None or r["seed"] in seeds)]
     dense = [json.loads(p.read_text()) for p in sorted(cache_root.glob("dense_s*.json"))]
     targets = sorted({r["target"] for r in runs})
     out = {"dense_acc": _ms([d["dense_acc"] for d in dense]), "dense_epochs": dense[0]["epochs"] if dense else None,
@@ -249,9 +253,23 @@ def summarise_key(cache_root: Path, default_row: str) -> dict:
             rows[row]["per_seed_rec"] = [r["acc_rec"] for r in rs]
             if row == "tp-best+kd":
                 rows[row]["config"] = rs[0].get("config")
-        out["targets"][f"{t:g}"] = {"best_tp": best, "rows": rows,
+        out["targets"][f"{t:g}"] = {"best_tp": best, "rows": rows, "recipe_study": _recipe_study(rt),
                                     "paired": _paired(rt, best, default_row), "goals": _goals(rt, rows, best,
                                                                                                default_row)}
+    return out
+
+
+RECIPE_PAIRS = (("fp-kd", "fp-finetune"), ("fp-kd-iter", "fp-kd"), ("fp-finetune-iter", "fp-finetune"))
+
+
+def _recipe_study(rt: list[dict]) -> dict:
+    """Paired per-seed differences between flowprune's recovery variants (what picks the default)."""
+    out = {}
+    for a, b in RECIPE_PAIRS:
+        ra, rb = _by_seed(rt, a, "acc_rec"), _by_seed(rt, b, "acc_rec")
+        d = [ra[s] - rb[s] for s in sorted(ra) if s in rb]
+        if d:
+            out[f"{a} - {b}"] = {"mean": _ms(d)[0], "std": _ms(d)[1], "per_seed": d}
     return out
 
 
@@ -369,8 +387,21 @@ def render(results: dict, command: str) -> str:
         lines += [f"## {key}, budget {results['budget']} epochs", "",
                   f"Dense: {_pm(dm, dsd)} % test ({s['dense_epochs']} epochs, one model per seed).", ""]
         lines += _headline(key, s, results["default_row"]) + [""]
+        pairs = sorted({p for st in s["targets"].values() for p in st["recipe_study"]})
+        if pairs:
+            lines += ["Recovery variants of flowprune's cut, paired per seed (recovered accuracy, points):", "",
+                      "| difference | " + " | ".join(f"{t}x" for t in s["targets"]) + " |",
+                      "|---" * (len(s["targets"]) + 1) + "|"]
+            for p in pairs:
+                cells = []
+                for st in s["targets"].values():
+                    v = st["recipe_study"].get(p)
+                    cells.append("-" if v is None else f"{100 * v['mean']:+.1f} ± {100 * v['std']:.1f}")
+                lines.append(f"| {p} | " + " | ".join(cells) + " |")
+            lines.append("")
         for t, st in s["targets"].items():
-            lines.append(f"Goals at {t}x:")
+            n = len(st["rows"].get(results["default_row"], {}).get("seeds", []))
+            lines.append(f"Goals at {t}x ({n} seed(s)):")
             for g, v in st["goals"].items():
                 lines.append(f"- {GOAL_TEXT[g]}: **{'met' if v['met'] else 'not met'}** "
                              f"({100 * v['diff']:+.1f} vs std {100 * v['std']:.1f} points)")
@@ -409,7 +440,8 @@ def main(argv=None) -> int:
     ap.add_argument("--root", default=str(ROOT))
     ap.add_argument("--out", default="docs/results/recovery")
     ap.add_argument("--scope", default="as run")
-    ap.add_argument("--skip", default="", help="rows to leave out, comma-separated (e.g. fp-finetune-iter)")
+    ap.add_argument("--skip", default="", help="rows to leave out, comma-separated shell patterns (e.g. "
+                    "fp-finetune-iter,tp-*)")
     ap.add_argument("--report-only", action="store_true")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -438,7 +470,7 @@ def main(argv=None) -> int:
     for k in keys:
         cr = root / f"{k.replace(':', '_')}_b{a.budget}"
         if cr.exists():
-            results["keys"][k] = summarise_key(cr, default_row)
+            results["keys"][k] = summarise_key(cr, default_row, targets, seeds)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     from flowprune.report import write_results
