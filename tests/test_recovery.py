@@ -74,6 +74,10 @@ def test_recovery_bad_input_is_one_clear_error_before_work(digits_data):
     with pytest.raises(FlowpruneError, match="teacher gives 7 output classes but the student 10"):
         prune(m, digits_data, target_macs=2.0, recovery_epochs=1, teacher=teacher, on_step=lambda *a: calls.append(1))
     assert calls == []  # refused before any step
+    with pytest.raises(FlowpruneError, match="teacher gives 7 output classes"):
+        recover(m, digits_data, 1, make_recipe("kd"), teacher=teacher)
+    with pytest.raises(FlowpruneError, match="needs a teacher"):
+        recover(m, digits_data, 1, make_recipe("kd"))
     assert set(RECOVERIES) == {"finetune", "kd"}
 
 

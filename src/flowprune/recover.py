@@ -114,7 +114,13 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 def check_teacher(teacher: nn.Module, student: nn.Module, example: torch.Tensor) -> None:
-    """Raise FlowpruneError unless ``teacher`` and ``student`` give the same number of output classes."""
+    """Raise FlowpruneError unless ``teacher`` and ``student`` give the same number of output classes
+    (and unless this is a torchrun run, where the distillation term is not yet scaled per rank)."""
+    from flowprune import distributed
+
+    if distributed.world_size() > 1:
+        raise FlowpruneError("recovery='kd' is not supported under torchrun yet (its loss is not scaled per rank); "
+                             "use recovery='finetune'")
     if not isinstance(teacher, nn.Module):
         raise FlowpruneError(f"teacher must be a torch nn.Module, got {type(teacher).__name__}")
     with torch.no_grad():
@@ -130,6 +136,14 @@ def check_teacher(teacher: nn.Module, student: nn.Module, example: torch.Tensor)
     if nt != ns:
         raise FlowpruneError(f"the teacher gives {nt} output classes but the student {ns}; distillation needs the "
                              "same classes (give the dense model the student was pruned from)")
+
+
+def _example_of(data, model: nn.Module) -> torch.Tensor:
+    """One training input (for the teacher/student class check)."""
+    from flowprune.data import DataSplits
+
+    x = data.train.tensors[0][:1] if isinstance(data, DataSplits) else next(iter(data))[0][:1]
+    return x.to(next(model.parameters()).device)
 
 
 class _Distiller:
@@ -176,6 +190,7 @@ def recover(model: nn.Module, data, epochs: int, recipe: RecoveryRecipe | None =
     if recipe.uses_teacher:
         if teacher is None:
             raise FlowpruneError("recovery='kd' needs a teacher (the dense model the student was pruned from)")
+        check_teacher(teacher, model, _example_of(data, model))
         dev = next(model.parameters()).device if device is None else device
         t_model = copy.deepcopy(teacher).to(dev).eval()
         for p in t_model.parameters():
