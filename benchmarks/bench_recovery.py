@@ -37,6 +37,7 @@ import argparse
 import fnmatch
 import json
 import resource
+import shlex
 import statistics
 import sys
 import time
@@ -231,11 +232,11 @@ def _pm(m, s) -> str:
     return "-" if m is None else f"{100 * m:.1f} ± {100 * s:.1f}"
 
 
-def summarise_key(cache_root: Path, default_row: str, targets=None, seeds=None) -> dict:
+def summarise_key(cache_root: Path, default_row: str, targets=None, seeds=None, skip=()) -> dict:
     """Rows, paired differences and goal checks for one model:data from the cached runs (of ``targets``
-    and ``seeds`` when given)."""
+    and ``seeds`` when given, without the rows ``skip`` names)."""
     runs = [r for r in load_runs(cache_root) if (targets is None or r["target"] in targets)
-            and (seeds is None or r["seed"] in seeds)]
+            and (seeds is None or r["seed"] in seeds) and not any(fnmatch.fnmatch(r["row"], p) for p in skip)]
     dense = [json.loads(p.read_text()) for p in sorted(cache_root.glob("dense_s*.json"))]
     targets = sorted({r["target"] for r in runs})
     out = {"dense_acc": _ms([d["dense_acc"] for d in dense]), "dense_epochs": dense[0]["epochs"] if dense else None,
@@ -456,13 +457,14 @@ def main(argv=None) -> int:
     def log(msg: str) -> None:
         print(msg, flush=True)
 
+    skip = [r for r in a.skip.split(",") if r]
     if not a.report_only:
         for k in keys:
-            run_key(k, seeds, targets, a.budget, root, dev, log, skip=[r for r in a.skip.split(",") if r])
+            run_key(k, seeds, targets, a.budget, root, dev, log, skip=skip)
     from flowprune.recover import DEFAULT_RECOVERY
 
     default_row = f"fp-{DEFAULT_RECOVERY}" + ("-iter" if DEFAULT_STEPS == "auto" else "")
-    results = {"command": "python -m benchmarks.bench_recovery " + " ".join(sys.argv[1:] if argv is None else argv),
+    results = {"command": "python -m benchmarks.bench_recovery " + shlex.join(sys.argv[1:] if argv is None else argv),
                "budget": a.budget, "scope": a.scope, "default_row": default_row,
                "default_text": f"flowprune.prune default cut, recovery={DEFAULT_RECOVERY!r}, steps={DEFAULT_STEPS!r}",
                "calibration": {"batches": CALIB[0], "batch_size": CALIB[1]}, "torch_threads": torch.get_num_threads(),
@@ -470,7 +472,7 @@ def main(argv=None) -> int:
     for k in keys:
         cr = root / f"{k.replace(':', '_')}_b{a.budget}"
         if cr.exists():
-            results["keys"][k] = summarise_key(cr, default_row, targets, seeds)
+            results["keys"][k] = summarise_key(cr, default_row, targets, seeds, skip)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     from flowprune.report import write_results
