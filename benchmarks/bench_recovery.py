@@ -296,7 +296,14 @@ def _paired(rt: list[dict], best: str | None, default_row: str) -> dict:
 def _goals(rt, rows, best, default_row) -> dict:
     """Issue 20's goal at one target, each with its numbers."""
     g = {}
-    if best is None or default_row not in rows:
+    if default_row not in rows:
+        return g
+    rnd = default_row.replace("fp-", "random-").replace("-iter", "")
+    if rnd in rows and rows[rnd]["acc_rec"][0] is not None:
+        dm, ds = rows[default_row]["acc_rec"]
+        rm, rs = rows[rnd]["acc_rec"]
+        g["above_random"] = {"met": dm - rm > max(ds, rs), "diff": dm - rm, "std": max(ds, rs)}
+    if best is None:
         return g
     pr = _paired(rt, best, default_row)
     d = pr.get("acc_rec", {}).get(default_row)
@@ -315,11 +322,6 @@ def _goals(rt, rows, best, default_row) -> dict:
         k, (m, s) = max(tp_bn, key=lambda kv: kv[1][0])
         g["one_shot_bn_ahead"] = {"met": one["acc_bn"][0] > m, "diff": one["acc_bn"][0] - m,
                                   "std": max(s, one["acc_bn"][1]), "vs": k}
-    rnd = default_row.replace("fp-", "random-").replace("-iter", "")
-    if rnd in rows and rows[rnd]["acc_rec"][0] is not None:
-        dm, ds = rows[default_row]["acc_rec"]
-        rm, rs = rows[rnd]["acc_rec"]
-        g["above_random"] = {"met": dm - rm > max(ds, rs), "diff": dm - rm, "std": max(ds, rs)}
     return g
 
 
