@@ -359,8 +359,9 @@ def _headline(key: str, s: dict, default_row: str) -> list[str]:
         cells = [cell(t, s["targets"][t]["best_tp"] if row == "BEST" else row) for t in ts]
         if any(c != "-" for c in cells):
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines.append("| best TP configuration (validation, after recovery) | "
-                 + " | ".join(f"`{s['targets'][t]['best_tp']}`" for t in ts) + " |")
+    if any(s["targets"][t]["best_tp"] for t in ts):
+        lines.append("| best TP configuration (validation, after recovery) | "
+                     + " | ".join(f"`{s['targets'][t]['best_tp']}`" for t in ts) + " |")
     bn = ["| one-shot + BN %: flowprune cut / best-one-shot TP | "]
     for t in ts:
         rows = s["targets"][t]["rows"]
