@@ -188,13 +188,16 @@ def run_one(key: str, seed: int, target: float, config: str) -> dict:
 
 
 def code_version() -> str:
-    """``git describe --always --dirty`` of the working tree (``unknown`` outside a git checkout)."""
+    """The commit of the working tree, ``+dirty`` where ``src/`` or ``benchmarks/`` differ from it
+    (``unknown`` outside a git checkout)."""
+    root = Path(__file__).resolve().parents[1]
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                             timeout=10, cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10, cwd=root).stdout.strip()
+        diff = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src", "benchmarks"], timeout=10, cwd=root)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    return (head + ("+dirty" if diff.returncode else "")) if head else "unknown"
 
 
 def dedupe(rows: list[dict]) -> list[dict]:
@@ -238,21 +241,54 @@ def table(summary: list[dict], model: str) -> str:
 
 
 RESULTS = Path("docs/results/study_structural.json")
+RECHECK = RESULTS.with_name("study_structural_recheck.json")
+LEGACY = """**Where these numbers come from.** Rows without a recorded code version were appended to
+`runs/bench/study/*.jsonl` while commits bb6b835 and 70c3861 (2 Dec 2026, issue 9) were developed,
+over several states of the code, and committed in 70c3861 with a header command (`--configs
+agf-layer`) that only summarised the accumulated file. Their configurations then left options to the
+library's defaults, which changed during that work (bb6b835 gave `agf` the `center` option, made
+`after_sum` its default `abs_mode`, and added mean compensation, on by default), so which defaults
+each of them ran with is not known; the names are read here by the study's naming convention (`-as`,
+`-sq`, `-mc`, `-sN`; see `CONFIGS`), which every configuration now pins. **No configuration reproduces
+these rows on today's code**: the dense models differ (DENSE) and later fixes changed the scores
+(issue 20's BatchNorm fold changes every magnitude score of a residual stage, so every ResNet-20
+`l2` row); rows rerun on today's code, with their pinned configurations, are in
+[study_structural_recheck.md](study_structural_recheck.md). Exact repeats of a row (same model, seed,
+target and configuration, appended twice by a resumed run) are counted once (REPEATS). The default
+(`agfc-as-global-mc`) was chosen on the single ResNet-20 seed below: one model, one seed."""
 
 
-def write_doc(rows: list[dict], cmd: str, provenance: str, path: Path = RESULTS) -> str:
-    """The summary tables as markdown (returned), and with a path, the .json (runs, summary) and .md."""
+def provenance(raw: list[dict], rows: list[dict]) -> str:
+    """The note on rows without a code version: the legacy text, with today's dense accuracies where
+    the recheck file has them, and how many exact repeats were dropped."""
+    if all("code" in r for r in rows):
+        return ""
+    dense = ""
+    if RECHECK.exists():
+        now = {(r["model"], r["seed"]): r["dense_acc"] for r in json.loads(RECHECK.read_text())["rows"]}
+        old = {(r["model"], r["seed"]): r["dense_acc"] for r in rows}
+        dense = "dense test accuracy in this file vs rebuilt today: " + ", ".join(
+            f"{m} seed {s} {100 * old[(m, s)]:.1f} vs {100 * a:.1f}" for (m, s), a in sorted(now.items())
+            if (m, s) in old)
+    return (LEGACY.replace("(DENSE)", f"({dense})" if dense else "")
+            .replace("(REPEATS)", f"({len(raw) - len(rows)} rows dropped)"))
+
+
+def write_doc(rows: list[dict], cmd: str, note: str, path: Path | None = RESULTS,
+              runs: list[dict] | None = None) -> str:
+    """The summary tables of ``rows`` as markdown (returned), and with a path, the .json (``runs``, as
+    given, default ``rows``; the summary) and the .md."""
     summary = summarise(rows)
     versions = sorted({r.get("code", "not recorded") for r in rows})
     text = [f"Command: `{cmd}`", "", f"Code versions of the rows: {', '.join(versions)}.", ""]
-    if provenance:
-        text += [provenance, ""]
+    if note:
+        text += [note, ""]
     for key in sorted({r["model"] for r in rows}):
         text += [f"## {key}", "", table(summary, key), ""]
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"command": cmd, "provenance": provenance, "summary": summary, "runs": rows},
-                                   indent=1))
+        path.write_text(json.dumps({"command": cmd, "provenance": note, "summary": summary,
+                                    "runs": rows if runs is None else runs}, indent=1))
         path.with_suffix(".md").write_text("# Study: one-shot structural pruning configurations\n\n"
                                            + "\n".join(text) + "\n")
     return "\n".join(text)
@@ -277,7 +313,7 @@ def recheck(rows: list[dict], wanted: list[tuple], cmd: str, doc: bool) -> str:
         lines.append(f"| {r['model']} | {r['seed']} | {r['target']:g}x | {r['config']} | {was} | "
                      f"{100 * r['acc_bn']:.1f} | {'-' if r['same'] is None else ('yes' if r['same'] else 'no')} |")
     if doc:
-        p = RESULTS.with_name("study_structural_recheck.json")
+        p = RECHECK
         p.write_text(json.dumps({"command": cmd, "code": code_version(), "rows": out}, indent=1))
         p.with_suffix(".md").write_text("# Study rows rerun on today's code\n\n" + "\n".join(lines) + "\n")
     return "\n".join(lines)
@@ -335,8 +371,9 @@ def main(argv=None) -> int:
             wanted = [(m, s, t, c) for m in models for s in seeds for t in targets for c in configs]
             print(recheck(saved["runs"], wanted, cmd, args.doc))
             return 0
-        text = write_doc(dedupe(saved["runs"]), cmd, saved.get("provenance", ""),
-                         RESULTS if args.doc else None)
+        rows = dedupe(saved["runs"])
+        text = write_doc(rows, cmd, provenance(saved["runs"], rows), RESULTS if args.doc else None,
+                         runs=saved["runs"])
     else:
         text = write_doc(_run(models, seeds, targets, configs), cmd, "", RESULTS if args.doc else None)
     print(text)

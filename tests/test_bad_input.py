@@ -136,6 +136,8 @@ CASES = [
     ("model-shape", ["train", "--model", "cnn1d", "--data", "digits"], "cnn1d"),
     ("data-unknown", ["train", "--model", "lenet300", "--data", "cifar9"], "unknown data set 'cifar9'"),
     ("data-imagefolder-missing", T[:3] + ["--data", "imagefolder:/does/not/exist"], "/does/not/exist"),
+    ("data-fashion-missing", T[:3] + ["--data", "fashion", "--data-root", "/does/not/exist"],
+     "apt-get install -y dataset-fashion-mnist"),
     ("on-bad-image", T + ["--on-bad-image", "maybe"], "'maybe'"),
     ("out-is-file", T + ["--out", "{file}"], "is not a directory"),
     ("out-under-file", T + ["--out", "{file}/sub"], "is a file"),

@@ -334,7 +334,7 @@ def load_dataset(name: str = "mnist5k", *, seed: int = 0, val_fraction: float = 
 
     def part(idx: np.ndarray) -> TensorDataset:
         i = torch.from_numpy(idx)
-        return TensorDataset(xt[i].clone(), yt[i].clone())
+        return TensorDataset(xt[i], yt[i])  # indexing by a tensor copies: no clone needed
 
     info = dict(info, class_counts=counts.tolist())
     return DataSplits(name=name, train=part(tr), val=part(va), test=part(te), num_classes=num_classes,
