@@ -10,10 +10,12 @@ The protocol (BENCHMARKING.md lessons 1, 2, 8, 9):
 * every method starts from the same dense model of its seed, is cut one-shot to 2x/4x/8x/16x fewer
   MACs, its BatchNorm statistics re-estimated on the same 10 x 128 calibration batches (no weight
   update), and measured on the test split (``acc_bn``);
-* Torch-Pruning runs through its own ``MetaPruner`` with its own importances (magnitude, Taylor,
-  BN scale), uniform and global; its *best configuration* is picked per target by mean accuracy;
+* Torch-Pruning runs through its own ``MetaPruner`` with every importance that applies (magnitude
+  L2/L1, Taylor, BN scale, LAMP, FPGM, Hessian), uniform and global; one-shot, its best
+  configuration is the best by mean accuracy; after fine-tuning, by mean VALIDATION accuracy;
 * fine-tuning: the same budget (``--ft-epochs``, SGD lr 0.01, cosine, same batch order per seed)
-  for flowprune's default, the best Torch-Pruning configuration and random, at ``--ft-targets``;
+  for flowprune's default, EVERY Torch-Pruning configuration and random, at ``--ft-targets``
+  (the whole pipeline against Torch-Pruning with each recovery: ``benchmarks/bench_recovery.py``);
 * a method counts as ahead only beyond one std (the larger of the two).
 
 Finished runs are kept under ``runs/bench/compare/`` (resume). The tables, the goal check and the
@@ -33,16 +35,19 @@ from pathlib import Path
 import torch
 
 FLOWPRUNE = ["agf", "agf-paper", "taylor", "l2", "random"]
-TP = ["tp-magnitude-uniform", "tp-magnitude-global", "tp-taylor-uniform", "tp-taylor-global",
-      "tp-bn-scale-uniform", "tp-bn-scale-global"]
-# for the costlier models on the shared 2-core CPU: the default, the paper's reading, random and the three
-# Torch-Pruning configurations that were best on the cheaper model and in the ResNet-20 screening
-REDUCED = ["agf", "agf-paper", "random", "tp-magnitude-uniform", "tp-magnitude-global", "tp-taylor-global"]
+# every Torch-Pruning importance that applies, uniform and global (issue 20: the anchor at its strongest)
+TP = [f"{m}-{mode}" for m in ("tp-magnitude", "tp-l1", "tp-taylor", "tp-bn-scale", "tp-lamp", "tp-fpgm", "tp-hessian")
+      for mode in ("uniform", "global")]
+# a reduced list for a quick look (--reduced MODEL); the published protocol runs every configuration
+REDUCED = ["agf", "agf-paper", "random", *TP]
 
 
 def best_tp(summary: list[dict], target: float, stage: str) -> dict | None:
+    """The best tp-* row at ``target``: after fine-tuning by VALIDATION accuracy (``val_ft``), one-shot by
+    ``stage``."""
     rows = [r for r in summary if r["method"].startswith("tp-") and r["target"] == target and r[stage] is not None]
-    return max(rows, key=lambda r: r[stage]) if rows else None
+    key = "val_ft" if stage == "acc_ft" and all(r.get("val_ft") is not None for r in rows) else stage
+    return max(rows, key=lambda r: r[key]) if rows else None
 
 
 def _fmt(r: dict | None, stage: str) -> str:
@@ -90,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ft-epochs", type=int, default=5, help="fine-tune epochs after the cut (same for every method)")
     p.add_argument("--ft-targets", default="4x,16x", help="targets that are fine-tuned (empty: none)")
     p.add_argument("--methods", default=",".join(FLOWPRUNE + TP), help="methods cut one-shot")
-    p.add_argument("--reduced", default="resnet20",
+    p.add_argument("--reduced", default="",
                    help="models that run only the reduced method list (CPU time): " + ",".join(REDUCED))
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the CPU is shared)")
     p.add_argument("--root", default="runs/bench/compare")
@@ -128,10 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         ft_targets = [t for t in args.ft_targets.split(",") if t]
         ft = {"summary": [], "table": ""}
         if ft_targets and args.ft_epochs > 0:
-            from flowprune.compare import parse_target
-
-            tps = {best_tp(bn["summary"], parse_target(t), "acc_bn")["method"] for t in ft_targets}
-            ft = compare(denses, data, ["agf", *sorted(tps), "random"], ft_targets, seeds,
+            # every Torch-Pruning configuration is fine-tuned; the best is picked after recovery on validation
+            tps = [m for m in methods.split(",") if m.startswith("tp-")]
+            ft = compare(denses, data, ["agf", *tps, "random"], ft_targets, seeds,
                          finetune_epochs=args.ft_epochs, finetune_lr=0.01,
                          out_dir=Path(args.root) / f"{key}_ft{args.ft_epochs}", **common)
         secs = time.perf_counter() - t0

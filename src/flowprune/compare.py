@@ -80,7 +80,10 @@ DEFAULT_METHODS = ("agf", "l1", "taylor", "wanda", "random", "tp-magnitude", "tp
 STAGES = ("acc_raw", "acc_bn", "acc_ft")
 # the configuration entries that change a finished run (a resumed comparison must agree on these)
 RUN_KEYS = ("finetune_epochs", "finetune_lr", "finetune_batches", "calib_batches", "calib_batch_size",
-            "plan_options", "score_options", "tp_mode", "tol", "round_to", "data", "model", "compensate")
+            "plan_options", "score_options", "tp_mode", "tol", "round_to", "data", "model", "compensate",
+            "recovery", "recovery_options")
+# what a comparison written before a key existed ran with (its compare_config.json lacks the key)
+RUN_KEY_DEFAULTS = {"recovery": "finetune", "recovery_options": {}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,6 +166,8 @@ class CompareConfig(ProcedureConfig):
     speed_repeats: int = 5  # interleaved timing rounds (flowprune.timing) per batch size
     speed_batch: int = 256
     compensate: bool | None = None
+    recovery: str = "finetune"
+    recovery_options: dict | None = None
 
     def validate(self) -> CompareConfig:
         """Check every field; methods, targets and seeds become lists, the dense recipe a TrainConfig."""
@@ -195,7 +200,14 @@ class CompareConfig(ProcedureConfig):
         if self.scratch_seeds is not None:
             check_positive_int("scratch_seeds", self.scratch_seeds)
         self._check_plan_options()
+        self.recipe()
         return self
+
+    def recipe(self):
+        """The recovery recipe every method gets (:mod:`flowprune.recover`), at ``finetune_lr``."""
+        from flowprune.recover import make_recipe
+
+        return make_recipe(self.recovery, {"lr": self.finetune_lr, **(self.recovery_options or {})})
 
     def _check_plan_options(self) -> None:
         from flowprune.plan import BUDGETS, NORMALIZE
@@ -228,7 +240,8 @@ class CompareConfig(ProcedureConfig):
                 "scratch_targets": self.scratch_targets, "scratch_seeds": s_seeds,
                 "plan_options": self.plan_options or {}, "score_options": self.score_options or {},
                 "tp_mode": self.tp_mode, "tol": self.tol, "round_to": self.round_to, "data": data.name,
-                "model": model_name, "compensate": self.compensate, "torch_pruning_version": _tp_version()}
+                "model": model_name, "compensate": self.compensate, "recovery": self.recovery,
+                "recovery_options": self.recovery_options or {}, "torch_pruning_version": _tp_version()}
 
 
 @dataclass
@@ -353,6 +366,11 @@ def compare(dense_model: nn.Module | Sequence[nn.Module], data: DataSplits,
             random selections and the fine-tune batch order; every method sees the same ones.
         finetune_epochs: epochs of fine-tuning after the cut, the same for every method (0: none).
         finetune_lr: its initial learning rate (SGD, cosine, weight decay 5e-4, augmentation).
+        recovery: the recovery recipe every method gets (:mod:`flowprune.recover`): ``finetune``
+            (plain fine-tuning, the default here so every method gets the same plain recovery) or
+            ``kd`` (distillation from the dense model, warm-up + cosine); ``recovery_options`` its
+            options. Runs record ``val_ft`` (validation accuracy after recovery, which picks the
+            best ``tp-*`` reference after recovery) and ``teacher_forwards``.
         finetune_batches: optional cap on steps per fine-tune epoch (short recoveries).
         calib_batches, calib_batch_size: T calibration batches from ``train`` (scores, Taylor
             gradients and BatchNorm re-estimation).
@@ -468,7 +486,7 @@ class _CompareRun:
             old = json.loads(cfg_path.read_text())
             now = json.loads(json.dumps(self.record))
             # only what changes a finished run matters; methods, targets, seeds and scratch may grow
-            if any(old.get(k) != now.get(k) for k in RUN_KEYS):
+            if any(old.get(k, RUN_KEY_DEFAULTS.get(k)) != now.get(k) for k in RUN_KEYS):
                 raise FlowpruneError(f"{out} holds runs of another comparison config; use a fresh out dir or resume=False")
         cfg_path.write_text(json.dumps(self.record, indent=1))
         return run_dir
@@ -531,12 +549,18 @@ class _CompareRun:
             self.archs[(seed, target)] = copy.deepcopy(pruned)
         rec["acc_ft"] = None
         if cfg.finetune_epochs > 0:
+            from flowprune.recover import recover
+
             t1 = time.perf_counter()
             ft = TrainConfig(epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, batch_size=cfg.dense_config.batch_size,
                              weight_decay=cfg.dense_config.weight_decay, optimizer="sgd",
                              augment=cfg.dense_config.augment, seed=seed)
-            fit(pruned, self.data, ft, progress=False, max_batches_per_epoch=cfg.finetune_batches)
+            rr = recover(pruned, self.data, cfg.finetune_epochs, cfg.recipe(), teacher=dense, seed=seed,
+                         train_config=ft, progress=False, max_batches_per_epoch=cfg.finetune_batches)
             rec["acc_ft"] = accuracy(pruned, self.test)
+            if len(self.data.val):
+                rec["val_ft"] = accuracy(pruned, make_loader(self.data.val, 512))
+            rec["teacher_forwards"] = rr["teacher_forwards"]
             rec["finetune_seconds"] = time.perf_counter() - t1
         if cfg.measure_speed and si == 0:
             rec.update(_speed_vs_dense(pruned, dense, self.input_shape, cfg.speed_repeats, cfg.speed_batch))
@@ -655,7 +679,8 @@ def summarise(runs: Sequence[dict], methods: Sequence[str], targets: Sequence[fl
     """One row per ``method x target``: mean/std over seeds of every stage, and deltas to the reference.
 
     The reference at each target and stage is the best ``tp-*`` method by mean (when any ran),
-    otherwise the first method listed. ``d_<stage>`` is ``mean - reference mean`` and
+    otherwise the first method listed; after recovery (``acc_ft``) "best" is judged on the
+    validation split (``val_ft``) where the runs have it, never on test. ``d_<stage>`` is ``mean - reference mean`` and
     ``d_<stage>_gt_std`` whether it exceeds one std (:func:`exceeds_one_std`).
     """
     rows = []
@@ -666,7 +691,7 @@ def summarise(runs: Sequence[dict], methods: Sequence[str], targets: Sequence[fl
             if not rs:
                 continue
             row: dict = {"method": method, "target": target, "n": len(rs)}
-            for k in (*STAGES, "achieved", "macs", "params", "prune_seconds"):
+            for k in (*STAGES, "val_ft", "achieved", "macs", "params", "prune_seconds"):
                 row[k], row[k + "_std"] = mean_std([r.get(k) for r in rs])
             row["within_tol"] = all(r.get("within_tol", True) for r in rs)
             modes = sorted({r["mode"] for r in rs if "mode" in r})
@@ -683,7 +708,8 @@ def summarise(runs: Sequence[dict], methods: Sequence[str], targets: Sequence[fl
             cands = [r for r in (tp_rows or group[:1]) if r[stage] is not None]
             if not cands:
                 continue
-            ref = max(cands, key=lambda r: r[stage])
+            by_val = stage == "acc_ft" and all(r.get("val_ft") is not None for r in cands)
+            ref = max(cands, key=lambda r: r["val_ft" if by_val else stage])
             for r in group:
                 if r[stage] is None:
                     continue

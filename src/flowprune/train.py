@@ -60,6 +60,7 @@ class TrainConfig(ProcedureConfig):
     augment: bool = True
     schedule: str = "cosine"
     seed: int = 0
+    warmup_epochs: float = 0.0
 
     def validate(self) -> TrainConfig:
         check_positive_int("epochs", self.epochs)
@@ -71,6 +72,9 @@ class TrainConfig(ProcedureConfig):
         if self.schedule not in SCHEDULES:
             raise bad_choice("schedule", self.schedule, SCHEDULES)
         check_fraction("label_smoothing", self.label_smoothing)
+        w = self.warmup_epochs
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and 0 <= w <= self.epochs):
+            raise FlowpruneError(f"warmup_epochs must be a number in [0, epochs={self.epochs}], got {w!r}")
         for name in ("weight_decay", "momentum"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v >= 0):
@@ -132,7 +136,7 @@ def fit(model: nn.Module, data: DataSplits | TensorBatchLoader, config: TrainCon
     if steps_per_epoch == 0:
         raise FlowpruneError("the training data is empty; nothing to train on")
     opt = make_optimizer(model.parameters(), cfg)
-    sched = _make_scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
+    sched = _make_scheduler(opt, cfg, cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch))
     history: dict = {"config": asdict(cfg), "epochs": [], "stopped_early": False}
     start_epoch = 0
     ckpt_path = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir is not None else None
@@ -179,11 +183,24 @@ def _train_loaders(data: DataSplits | TensorBatchLoader, cfg: TrainConfig,
     return loader, val_data
 
 
-def _make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total: int):
-    """Per-step learning-rate schedule over ``total`` steps: cosine to 0, or constant."""
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+def lr_factor(step: int, total: int, warmup: int = 0, schedule: str = "cosine") -> float:
+    """The learning-rate multiplier at optimizer step ``step`` of ``total``.
+
+    A linear warm-up over the first ``warmup`` steps (``(step + 1) / warmup``: the first step is
+    not at lr 0), then cosine decay to 0 over the remaining ``total - warmup`` steps (or constant).
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule != "cosine":
+        return 1.0
+    span = max(total - warmup, 1)
+    return 0.5 * (1 + math.cos(math.pi * min(step - warmup, span) / span))
+
+
+def _make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total: int, warmup: int = 0):
+    """Per-step learning-rate schedule over ``total`` steps: linear warm-up over ``warmup`` steps, then
+    cosine to 0 (or constant); see :func:`lr_factor`."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, cfg.schedule))
 
 
 def _load_checkpoint(ckpt_path: Path, model: nn.Module, opt, sched, cfg: TrainConfig, dev) -> tuple[int, dict]:

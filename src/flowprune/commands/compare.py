@@ -62,6 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1) per method x target (default 3)")
     p.add_argument("--finetune-epochs", type=int, default=1, help="fine-tune epochs after the cut, every method")
     p.add_argument("--finetune-lr", type=float, default=0.01)
+    p.add_argument("--recovery", default="finetune", help="recovery of every method: finetune (plain, default) or "
+                   "kd (distillation from the dense model)")
     p.add_argument("--finetune-batches", type=int, default=None, help="cap on steps per fine-tune epoch")
     p.add_argument("--calib-batches", type=int, default=10, help="calibration batches T (default 10)")
     p.add_argument("--calib-batch-size", type=int, default=128)
@@ -105,7 +107,8 @@ def compare_config(args: argparse.Namespace):
         calib_batches=args.calib_batches, calib_batch_size=args.calib_batch_size,
         dense_config=TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed), scratch_epochs=args.scratch_epochs,
         scratch_seeds=args.scratch_seeds, plan_options={"budget": args.budget} if args.budget else None,
-        tp_mode=args.tp_mode, measure_speed=not args.no_speed, compensate=not args.no_compensate))
+        tp_mode=args.tp_mode, measure_speed=not args.no_speed, compensate=not args.no_compensate,
+        recovery=args.recovery))
 
 
 def _load_dense(args: argparse.Namespace, data):

@@ -61,6 +61,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--final-finetune-epochs", type=int, default=None,
                    help="fine-tune epochs after the last step (default: --finetune-epochs)")
     p.add_argument("--lr", type=float, default=0.01, help="fine-tune learning rate")
+    p.add_argument("--recovery", default=None, help="recovery recipe: kd (default: distillation from the input "
+                   "model, warm-up + cosine) or finetune (plain)")
+    p.add_argument("--recovery-epochs", type=int, default=None,
+                   help="one recovery budget in epochs shared by the steps (instead of --finetune-epochs)")
+    p.add_argument("--recovery-option", action="append", default=[], metavar="K=V",
+                   help="a recovery option: temperature, alpha, warmup_fraction, lr (repeatable)")
     p.add_argument("--round-to", type=int, default=1, help="kept widths are multiples of this")
     p.add_argument("--min-width", type=int, default=1, help="no unit goes below this width")
     p.add_argument("--out", required=True, help="output directory")
@@ -118,7 +124,9 @@ def prune_config(args: argparse.Namespace):
         score_options=parse_options("--score-option", args.score_option), finetune_epochs=args.finetune_epochs,
         final_finetune_epochs=final_ft, finetune_config=TrainConfig(lr=args.lr, seed=args.seed).validate(),
         min_width=args.min_width, round_to=args.round_to, seed=args.seed, target_speedup=args.target_speedup,
-        batch_size=args.batch_size, backend=args.backend, **extra))
+        batch_size=args.batch_size, backend=args.backend, recovery=args.recovery,
+        recovery_epochs=args.recovery_epochs,
+        recovery_options=parse_options("--recovery-option", args.recovery_option) or None, **extra))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,8 +2,11 @@
 
 ``tp-magnitude`` (``GroupMagnitudeImportance(p=2)``), ``tp-l1`` (``p=1``), ``tp-taylor``
 (``GroupTaylorImportance``, gradients accumulated over the calibration batches), ``tp-bn-scale``
-(``BNScaleImportance``) and ``tp-random`` (``RandomImportance``), each through
-``tp.pruner.MetaPruner``. Torch-Pruning has no MACs target: the pruning ratio is searched until
+(``BNScaleImportance``), ``tp-lamp`` (``LAMPImportance(p=2)``), ``tp-fpgm`` (``FPGMImportance(p=2)``),
+``tp-hessian`` (``GroupHessianImportance``: the mean of per-sample squared gradients over
+``HESSIAN_SAMPLES`` calibration samples, accumulated here because 1.6.1's ``accumulate_grad``
+keys its buffer by parameter but tests the name, so it keeps only the last sample) and
+``tp-random`` (``RandomImportance``), each through ``tp.pruner.MetaPruner``. Torch-Pruning has no MACs target: the pruning ratio is searched until
 the achieved reduction is within ``tol`` of the target. ``-uniform`` / ``-global`` fix
 Torch-Pruning's ranking mode; the plain names follow ``tp_mode`` (``auto``: uniform first, then
 global when the uniform ratio jumps over the target).
@@ -22,7 +25,8 @@ from flowprune.errors import FlowpruneError, bad_choice
 from flowprune.measure import count_macs_params
 from flowprune.procedures.base import CutContext, Pruned, PruningProcedure, register_family
 
-TP_METHODS = ("tp-magnitude", "tp-l1", "tp-taylor", "tp-bn-scale", "tp-random")
+TP_METHODS = ("tp-magnitude", "tp-l1", "tp-taylor", "tp-bn-scale", "tp-lamp", "tp-fpgm", "tp-hessian", "tp-random")
+HESSIAN_SAMPLES = 128
 TP_MODE_METHODS = tuple(f"{m}-{mode}" for m in TP_METHODS for mode in ("global", "uniform"))
 TP_MODES = ("auto", "uniform", "global")
 
@@ -45,6 +49,9 @@ def tp_importance(method: str):
         "tp-l1": lambda: imp.GroupMagnitudeImportance(p=1),
         "tp-taylor": lambda: imp.GroupTaylorImportance(),
         "tp-bn-scale": lambda: imp.BNScaleImportance(),
+        "tp-lamp": lambda: imp.LAMPImportance(p=2),
+        "tp-fpgm": lambda: imp.FPGMImportance(p=2),
+        "tp-hessian": lambda: imp.GroupHessianImportance(),
         "tp-random": lambda: imp.RandomImportance(),
     }
     if method not in table:
@@ -74,6 +81,30 @@ def accumulate_gradients(model: nn.Module, batches: Sequence[tuple[torch.Tensor,
     for x, y in batches:
         loss = nn.functional.cross_entropy(model(x.to(dev)), y.to(dev))
         loss.backward()
+    model.train(was)
+
+
+def accumulate_hessian(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                       max_samples: int = HESSIAN_SAMPLES) -> None:
+    """Put the mean of per-sample squared gradients (the diagonal Fisher/Hessian estimate that
+    ``GroupHessianImportance`` reads from ``.grad`` when its own buffer is empty) into ``.grad``."""
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    acc = {p: torch.zeros_like(p) for p in model.parameters() if p.requires_grad}
+    n = 0
+    for x, y in batches:
+        for i in range(len(y)):
+            if n >= max_samples:
+                break
+            model.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x[i:i + 1].to(dev)), y[i:i + 1].to(dev)).backward()
+            for p, a in acc.items():
+                if p.grad is not None:
+                    a += p.grad.detach() ** 2
+            n += 1
+    for p, a in acc.items():
+        p.grad = a / max(n, 1)
     model.train(was)
 
 
@@ -186,10 +217,10 @@ def tp_prune_to_target(model: nn.Module, method: str, target: float, *, input_sh
     if mode not in TP_MODES:
         raise bad_choice("tp_mode", mode, TP_MODES)
     base = copy.deepcopy(model).eval()
-    if method == "tp-taylor" and importance is None:
+    if method in ("tp-taylor", "tp-hessian") and importance is None:
         if not batches:
-            raise FlowpruneError("tp-taylor needs calibration batches for its gradients")
-        accumulate_gradients(base, batches)
+            raise FlowpruneError(f"{method} needs calibration batches for its gradients")
+        (accumulate_gradients if method == "tp-taylor" else accumulate_hessian)(base, batches)
     trial = _Trials(base, method, input_shape, importance=importance, seed=seed, round_to=round_to,
                     max_pruning_ratio=max_pruning_ratio)
     cache = cache if cache is not None else {}

@@ -72,6 +72,10 @@ class PruneConfig(ProcedureConfig):
     target_speedup: float | str | None = None
     batch_size: int = 1
     backend: str = "eager"
+    # recovery (flowprune.recover): the recipe, its options, and a total epoch budget the steps share
+    recovery: str | None = None
+    recovery_options: dict | None = None
+    recovery_epochs: int | None = None
 
     def validate(self) -> PruneConfig:
         """Check every field (raises FlowpruneError); parses ``target_macs`` and resolves ``steps``/``budget``."""
@@ -113,7 +117,39 @@ class PruneConfig(ProcedureConfig):
             v = getattr(self, nm)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise FlowpruneError(f"{nm} must be an integer >= 0, got {v!r}")
+        self._check_recovery()
         return self
+
+    def _check_recovery(self) -> None:
+        """Resolve the recovery recipe and the per-step epochs (FlowpruneError before any work)."""
+        from flowprune.recover import DEFAULT_RECOVERY, make_recipe, split_epochs
+
+        self.recovery = self.recovery or DEFAULT_RECOVERY
+        self.recipe()
+        if self.recovery_epochs is not None:
+            if self.finetune_epochs or self.final_finetune_epochs:
+                raise FlowpruneError("give either recovery_epochs (one budget the steps share) or "
+                                     "finetune_epochs/final_finetune_epochs, not both")
+            split_epochs(self.recovery_epochs, self.steps)
+        make_recipe(self.recovery, self.recovery_options)
+
+    def recipe(self):
+        """The :class:`flowprune.recover.RecoveryRecipe`; plain fine-tuning keeps ``finetune_config``'s lr."""
+        from flowprune.recover import make_recipe
+
+        opts = dict(self.recovery_options or {})
+        if self.recovery == "finetune" and self.finetune_config is not None:
+            opts.setdefault("lr", self.finetune_config.lr)
+        return make_recipe(self.recovery, opts)
+
+    def step_epochs(self) -> list[int]:
+        """Recovery epochs after each step: ``split_epochs(recovery_epochs, steps)``, or
+        ``finetune_epochs`` after every step but the last and ``final_finetune_epochs`` after it."""
+        from flowprune.recover import split_epochs
+
+        if self.recovery_epochs is not None:
+            return split_epochs(self.recovery_epochs, self.steps)
+        return [self.finetune_epochs] * (self.steps - 1) + [self.final_finetune_epochs]
 
     def effective_finetune_config(self):
         """The fine-tuning recipe: ``finetune_config``, or SGD at lr 0.01 seeded by ``seed``."""
@@ -131,7 +167,8 @@ class PruneConfig(ProcedureConfig):
                 "round_to": self.round_to, "seed": self.seed, "normalize": self.normalize,
                 "score_options": self.score_options or {}, "reestimate_bn": self.reestimate_bn,
                 "compensate": self.compensate, "target_speedup": self.target_speedup,
-                "batch_size": self.batch_size, "backend": self.backend,
+                "batch_size": self.batch_size, "backend": self.backend, "recovery": self.recipe().to_dict(),
+                "recovery_epochs": self.recovery_epochs,
                 "finetune_config": asdict(ft) if hasattr(ft, "__dataclass_fields__") else None}
 
 
@@ -199,8 +236,8 @@ def _eval_loader(data):
 def prune(model: nn.Module, data, config: PruneConfig | dict | str | None = None, *,
           checkpoint_dir: str | os.PathLike | None = None, progress: bool | None = None,
           on_step: Callable[[dict, nn.Module], None] | None = None,
-          device: str | torch.device | None = None, amp: str | None = None, latency_model=None,
-          latency_cache=None, **overrides) -> PruneResult:
+          device: str | torch.device | None = None, amp: str | None = None, teacher: nn.Module | None = None,
+          latency_model=None, latency_cache=None, **overrides) -> PruneResult:
     """Prune ``model`` by a score to ``target_macs`` (or ``ratio``); returns a :class:`PruneResult`.
 
     Called like every procedure: ``prune(model, data, config=None, **overrides)`` with a
@@ -232,6 +269,13 @@ def prune(model: nn.Module, data, config: PruneConfig | dict | str | None = None
             measured on the device (:mod:`flowprune.latency`, cached on disk) and a utility per
             second saved allocation (:mod:`flowprune.plan_latency`); the result's ``latency`` holds
             the target, the predicted and the measured speed-up at ``batch_size`` and at batch 1.
+        recovery: the recovery recipe after each cut (:mod:`flowprune.recover`): ``kd`` (default,
+            distillation from the input model with warm-up + cosine; docs/recovery.md) or
+            ``finetune`` (plain fine-tuning, the earlier behaviour). ``recovery_options``: its
+            options (``temperature``, ``alpha``, ``warmup_fraction``, ``lr``).
+        recovery_epochs: one total budget of recovery epochs the steps share
+            (:func:`flowprune.recover.split_epochs`; fewer epochs than steps is an error); exclusive
+            with ``finetune_epochs`` / ``final_finetune_epochs``.
 
     Run options (not part of the config):
         data: a :class:`flowprune.data.DataSplits` (or a list of (x, y) batches: calibration only,
@@ -247,6 +291,8 @@ def prune(model: nn.Module, data, config: PruneConfig | dict | str | None = None
         latency_model: with ``target_speedup``, a prebuilt :class:`flowprune.latency.LatencyModel` of
             ``model`` (else one is built or loaded from ``latency_cache``: a directory, ``None`` for the
             default cache, ``False`` for none).
+        teacher: the model ``kd`` distils from (default: ``model`` itself, the dense network; used
+            in eval mode without gradients, never changed); its classes must match.
     """
     if isinstance(config, str):
         overrides = {"method": config, **overrides}
@@ -258,7 +304,7 @@ def prune(model: nn.Module, data, config: PruneConfig | dict | str | None = None
 
     with notices.collect() as warned:  # each warning once per run; the full list in the result
         run = _PruneRun(model, data, cfg, device=device, amp=amp, checkpoint_dir=checkpoint_dir, progress=progress,
-                        latency=(latency_model, latency_cache))
+                        teacher=teacher, latency=(latency_model, latency_cache))
         res = run.execute(on_step=on_step)
     res.warnings = [dict(w) for w in warned]
     return res
@@ -279,7 +325,7 @@ class _PruneRun:
     """One run of :func:`prune`: the working copy, the dense reference and the checkpoint."""
 
     def __init__(self, model: nn.Module, data, cfg: PruneConfig, *, device, amp, checkpoint_dir, progress,
-                 latency=(None, None)):
+                 teacher: nn.Module | None = None, latency=(None, None)):
         from flowprune.data import DataSplits
         from flowprune.device import check_amp, default_amp, resolve_device
         from flowprune.scores import get_score
@@ -290,7 +336,8 @@ class _PruneRun:
         self.amp = check_amp(default_amp() if amp is None else amp, self.dev)
         _check_data(data, model)
         self.data, self.is_splits = data, isinstance(data, DataSplits)
-        if (cfg.finetune_epochs or cfg.final_finetune_epochs) and not self.is_splits:
+        self.epochs = cfg.step_epochs()
+        if any(self.epochs) and not self.is_splits:
             raise FlowpruneError("fine-tuning needs a DataSplits (load_dataset(...)), not a list of batches")
         if checkpoint_dir is not None and getattr(model, "flowprune_base", None) is None:
             raise FlowpruneError("checkpoint_dir needs a model built by flowprune.build_model (it carries flowprune_base)")
@@ -302,6 +349,13 @@ class _PruneRun:
         self._check_units(latency[1])
         self.eval_loader = _eval_loader(data) if cfg.measure else None
         self.ft_cfg = cfg.effective_finetune_config()
+        self.recipe = cfg.recipe()
+        self.teacher = None
+        if self.recipe.uses_teacher and any(self.epochs):
+            from flowprune.recover import check_teacher
+
+            self.teacher = teacher if teacher is not None else model  # recover() copies it, in eval mode
+            check_teacher(self.teacher, self.work, self.example)
         self.state = None
         if checkpoint_dir is not None:
             from flowprune.runstate import RunState
@@ -447,7 +501,6 @@ class _PruneRun:
 
     def _after_cut(self, s: int, rec: dict, widths_now: dict, calib) -> None:
         from flowprune.measure import accuracy, count_macs_params
-        from flowprune.train import fit
         from flowprune.train import reestimate_bn as bn_reestimate
 
         cfg, work = self.cfg, self.work
@@ -459,12 +512,15 @@ class _PruneRun:
             bn_reestimate(work, list(calib))
             if self.eval_loader is not None:
                 rec["acc_bn"] = accuracy(work, self.eval_loader)
-        epochs = cfg.finetune_epochs if s < cfg.steps - 1 else cfg.final_finetune_epochs
+        epochs = self.epochs[s]
         if epochs > 0:
-            t0 = time.perf_counter()
+            from flowprune.recover import recover
+
             ckpt = self.state.dir / f"ft_{s + 1}" if self.state is not None else None
-            fit(work, self.data, self.ft_cfg, epochs=epochs, checkpoint_dir=ckpt, progress=self.progress, device=self.dev,
-                amp=self.amp)
-            rec["seconds_finetune"] = time.perf_counter() - t0
+            rr = recover(work, self.data, epochs, self.recipe, teacher=self.teacher, seed=self.ft_cfg.seed,
+                         train_config=self.ft_cfg, checkpoint_dir=ckpt, progress=self.progress, device=self.dev,
+                         amp=self.amp)
+            rec.update(seconds_finetune=rr["seconds"], recovery_epochs=epochs,
+                       teacher_forwards=rr["teacher_forwards"])
             if self.eval_loader is not None:
                 rec["acc_ft"] = accuracy(work, self.eval_loader)
