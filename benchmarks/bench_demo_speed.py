@@ -7,7 +7,7 @@ The heavy expert is the demo's dense ResNet-20 on mnist5k (``--dense``: a saved 
 ``flowprune demo``'s ``OUT/dense``). Light experts are made exactly as the demo makes them (AGF to
 ``--target-macs`` fewer MACs, 2 steps, 1 fine-tune epoch between, ``--finetune-epochs`` after),
 once with global widths (the library default) and once with per-layer widths (cached under
-``--out``). Then:
+``--cache``). Then:
 
 1. heavy and both light experts are timed **together** (one interleaved harness call,
    :func:`flowprune.timing.time_models`) at batch 256 on real test images: the light experts'
@@ -19,7 +19,8 @@ once with global widths (the library default) and once with per-layer widths (ca
    figures are refused).
 
 With ``--busy`` every measurement is repeated with a process spinning on one core beside it.
-Writes ``OUT/results.json`` and ``OUT/demo_speed.md`` (the table, with this command in its header).
+Writes ``OUT/demo_speed.json`` and ``OUT/demo_speed.md`` (default ``docs/results``; the table, with
+this command in its header).
 """
 
 from __future__ import annotations
@@ -107,13 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--busy", action="store_true", help="also measure with one busy core beside it")
-    ap.add_argument("--out", default="runs/bench/demo_speed")
+    ap.add_argument("--cache", default="runs/bench/demo_speed", help="where the light experts are kept")
+    ap.add_argument("--out", default="docs/results", help="writes demo_speed.json and demo_speed.md here")
     args = ap.parse_args(argv)
-    out = Path(args.out)
+    out, cache = Path(args.out), Path(args.cache)
     out.mkdir(parents=True, exist_ok=True)
+    cache.mkdir(parents=True, exist_ok=True)
     data = load_dataset(args.data, seed=args.seed)
     heavy = load(args.dense).eval()
-    lights = {b: light_expert(heavy, data, b, args, out).eval() for b in BUDGETS}
+    lights = {b: light_expert(heavy, data, b, args, cache).eval() for b in BUDGETS}
     acc = {"heavy": accuracy(heavy, [(data.test.tensors[0], data.test.tensors[1])]),
            **{f"light_{b}": accuracy(m, [(data.test.tensors[0], data.test.tensors[1])]) for b, m in lights.items()}}
     results = {"command": "python -m benchmarks.bench_demo_speed " + " ".join(argv or sys.argv[1:]),
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         erows += e
         rrows += r
     results["expert_rows"], results["route_rows"] = erows, rrows
-    write_results(out / "results.json", results)
+    write_results(out / "demo_speed.json", results)
     md = "\n\n".join([f"Produced by `{results['command']}` ({results['threads']} thread(s); test accuracy: "
                       + ", ".join(f"{k} {100 * v:.1f} %" for k, v in acc.items()) + ")",
                       format_table(erows, title="Light experts vs heavy, timed together at batch 256"),

@@ -97,3 +97,26 @@ def test_route_results_json_has_the_speed_fields(tmp_path):
         if thr is not None:
             assert sp[f"routed_speedup_b{b}"] == pytest.approx(thr / sp["heavy"][f"throughput_b{b}"])
     assert res.summary()["speedup_b64"] == r["speedup_b64"]
+
+
+def test_hyperflows_sparse_speed_fields():
+    import argparse
+
+    from flowprune.commands.hyperflows import _sparse_speed
+    from flowprune.data import load_dataset
+
+    torch.manual_seed(0)
+    data = load_dataset("digits", seed=0)
+    m = build_model("lenet300", data.input_shape, data.num_classes, hidden=(64, 32)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:  # 90 % of every weight matrix zero
+                p.mul_((torch.rand_like(p) > 0.9).float())
+    args = argparse.Namespace(no_speed=False, speed_batch=4, speed_backend="eager", speed_rounds=1)
+    res = _sparse_speed(args, m, data, sparsity=0.9)
+    sp = res["speed"]
+    _check_speed(sp, "dense", ["sparse", "auto"], [1, 4])
+    # the work of the sparse forms is the nonzero MACs: dense MACs x density
+    assert sp["macs"]["sparse"] == sp["macs"]["auto"] == round(sp["macs"]["dense"] * 0.1)
+    assert {"dense_latency_ms_b1", "sparse_latency_ms_b1", "auto_latency_ms_b1", "sparse_layers"} <= set(sp)
+    assert res["speedup_b4"] == sp["b4"]["speedup"]["auto"]
