@@ -44,7 +44,8 @@ from flowprune.route.api import route_experts
 from flowprune.timing import time_models
 
 BUDGETS = ("global", "layer")
-CALIBRATIONS = {"budget 0.5": {"heavy_budget": 0.5}, "max_drop 0": {"max_drop": 0.0}}
+CALIBRATIONS = {"budget 0.5": {"heavy_budget": 0.5}, "max_drop 0": {"max_drop": 0.0},
+                "budget 0.25": {"heavy_budget": 0.25}}
 
 
 def _spin(stop) -> None:  # one busy core: a pure-Python loop, no threads
@@ -60,7 +61,7 @@ def light_expert(heavy, data, budget: str, args, out: Path):
     pr = prune(heavy, data, method="agf", target_macs=args.target_macs, steps=2, finetune_epochs=1,
                final_finetune_epochs=args.finetune_epochs, seed=args.seed, budget=budget, progress=False)
     save(pr.model, d, metadata={"stage": "pruned", "method": "agf", **pr.to_dict()})
-    return pr.model
+    return load(d)
 
 
 def measure(heavy, lights: dict, data, args) -> dict:
@@ -69,7 +70,8 @@ def measure(heavy, lights: dict, data, args) -> dict:
                     min_round_s=0.05)
     res = {"experts_b256": t.to_dict(), "routes": {}}
     for budget, light in lights.items():
-        for cal, kw in CALIBRATIONS.items():
+        for cal in args.calibrations.split(","):
+            kw = CALIBRATIONS[cal]
             rr = route_experts(light, heavy, data, router="confidence", sweep=False, diagnostic=False,
                                rounds=args.rounds, latency_samples=50, seed=args.seed, **kw)
             r = rr.results
@@ -79,10 +81,39 @@ def measure(heavy, lights: dict, data, args) -> dict:
     return res
 
 
+CAL_GRID = ({"max_drop": 0.0}, {"max_drop": 0.002}, {"max_drop": 0.004}, {"max_drop": 0.01},
+            {"heavy_budget": 0.2}, {"heavy_budget": 0.25}, {"heavy_budget": 0.3}, {"heavy_budget": 0.5})
+
+
+def calibration_rows(heavy, lights: dict, data) -> list[dict]:
+    """No timing: each calibration's heavy usage and accuracy on val (where it is decided) and on test."""
+    import math
+
+    from flowprune.route.calibrate import calibrate, collect_outputs, routed_accuracy
+    from flowprune.route.cascade import Cascade
+    from flowprune.route.routers import get_router
+
+    rows = []
+    for budget, light in lights.items():
+        c = Cascade(light, heavy, get_router("confidence"), math.inf)
+        val, test = collect_outputs(c, data.val), collect_outputs(c, data.test)
+        with torch.no_grad():
+            st = c.router(test.light_logits, None)
+        for kw in CAL_GRID:
+            cal = calibrate(c, val, tolerance=0.05, **kw)
+            u, a = routed_accuracy(st, cal.threshold, test)
+            rows.append({"light widths": budget, "calibration": ", ".join(f"{k} {v}" for k, v in kw.items()),
+                         "val heavy acc %": 100 * float(val.heavy_correct.float().mean()),
+                         "val usage %": 100 * cal.calib_heavy_usage, "val routed acc %": 100 * cal.calib_accuracy,
+                         "test heavy acc %": 100 * float(test.heavy_correct.float().mean()),
+                         "test usage %": 100 * u, "test routed acc %": 100 * a})
+    return rows
+
+
 def rows_of(res: dict, lights: dict, heavy, data, cond: str) -> tuple[list[dict], list[dict]]:
     t = res["experts_b256"]
     hm = count_macs_params(heavy, data.input_shape)[0]
-    erows = [{"load": cond, "light widths": k, "widths": str(getattr(m, "flowprune_metadata", {}).get("widths", ""))[:60],
+    erows = [{"load": cond, "light widths": k, "widths": " ".join(str(w) for w in (getattr(m, "flowprune_metadata", {}).get("widths") or {}).values()),
               "MACs x": hm / count_macs_params(m, data.input_shape)[0],
               "measured x heavy b256": t["median"]["heavy"] / t["median"][f"light_{k}"]} for k, m in lights.items()]
     rrows = []
@@ -108,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--busy", action="store_true", help="also measure with one busy core beside it")
+    ap.add_argument("--budgets", default=",".join(BUDGETS), help="light-expert width allocations (global,layer)")
+    ap.add_argument("--calibrations", default=",".join(CALIBRATIONS),
+                    help=f"router calibrations, comma-separated from: {', '.join(CALIBRATIONS)}")
+    ap.add_argument("--name", default="demo_speed", help="results file stem (OUT/NAME.json, OUT/NAME.md)")
+    ap.add_argument("--calibration-only", action="store_true",
+                    help="no timing: each calibration's heavy usage and accuracy on val and test")
     ap.add_argument("--cache", default="runs/bench/demo_speed", help="where the light experts are kept")
     ap.add_argument("--out", default="docs/results", help="writes demo_speed.json and demo_speed.md here")
     args = ap.parse_args(argv)
@@ -116,11 +153,20 @@ def main(argv: list[str] | None = None) -> int:
     cache.mkdir(parents=True, exist_ok=True)
     data = load_dataset(args.data, seed=args.seed)
     heavy = load(args.dense).eval()
-    lights = {b: light_expert(heavy, data, b, args, cache).eval() for b in BUDGETS}
+    lights = {b: light_expert(heavy, data, b, args, cache).eval() for b in args.budgets.split(",")}
     acc = {"heavy": accuracy(heavy, [(data.test.tensors[0], data.test.tensors[1])]),
            **{f"light_{b}": accuracy(m, [(data.test.tensors[0], data.test.tensors[1])]) for b, m in lights.items()}}
     results = {"command": "python -m benchmarks.bench_demo_speed " + " ".join(argv or sys.argv[1:]),
                "threads": torch.get_num_threads(), "accuracy": acc, "runs": {}}
+    if args.calibration_only:
+        results["calibration_rows"] = rows = calibration_rows(heavy, lights, data)
+        write_results(out / f"{args.name}.json", results)
+        md = (f"Produced by `{results['command']}` (no timing; confidence router, thresholds decided on the "
+              f"{len(data.val)}-sample val split, checked on the {len(data.test)}-sample test split)\n\n"
+              + format_table(rows, title="Heavy usage and accuracy of each calibration"))
+        (out / f"{args.name}.md").write_text(md + "\n")
+        print(md)
+        return 0
     conds = ["idle"] + (["one busy core"] if args.busy else [])
     for cond in conds:
         stop, proc = None, None
@@ -143,12 +189,12 @@ def main(argv: list[str] | None = None) -> int:
         erows += e
         rrows += r
     results["expert_rows"], results["route_rows"] = erows, rrows
-    write_results(out / "demo_speed.json", results)
+    write_results(out / f"{args.name}.json", results)
     md = "\n\n".join([f"Produced by `{results['command']}` ({results['threads']} thread(s); test accuracy: "
                       + ", ".join(f"{k} {100 * v:.1f} %" for k, v in acc.items()) + ")",
                       format_table(erows, title="Light experts vs heavy, timed together at batch 256"),
                       format_table(rrows, title="Routed (confidence router), heavy/light/routed timed together")])
-    (out / "demo_speed.md").write_text(md + "\n")
+    (out / f"{args.name}.md").write_text(md + "\n")
     print(md)
     print(json.dumps({k: results["runs"][k]["loadavg_at_end"] for k in conds}))
     return 0
