@@ -11,10 +11,10 @@ method="l1", target_macs=T)``, one shot, no fine-tune. Every model is exported w
 (CPU provider, ``--threads`` intra-op threads, full graph optimisation). PyTorch eager times of the
 same models (same thread count) are measured beside them.
 
-Timing: ``--rounds`` interleaved rounds; in each round every model (in a rotated order) is timed
-for latency (median of ``--latency-reps`` single-sample runs after warm-up) and throughput
-(``--throughput-batches`` batches of 256 after one warm-up batch). The table shows medians over
-rounds and, per pruned model, its speed-up over the dense one divided by its MACs reduction
+Timing: the one harness (:func:`flowprune.export_speed.time_exported` on
+:func:`flowprune.timing.time_callables`): for batch 1 and for ``--batch``, every model in
+onnxruntime and in eager PyTorch is timed in ``--rounds`` interleaved rounds (rotated order, each
+call repeated for at least ``--min-round-s``). The table shows medians over rounds and, per pruned model, its speed-up over the dense one divided by its MACs reduction
 ("speed-up per MACs cut": 1.0 means time fell as fast as MACs). Writes
 ``docs/results/export.md`` and ``docs/results/export.json`` (``--no-write`` to skip) with the
 machine load seen before and after the run.
@@ -26,14 +26,12 @@ import argparse
 import datetime as _dt
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 RESULTS_MD = Path("docs/results/export.md")
@@ -51,50 +49,6 @@ def _load_snapshot() -> dict:
     return snap
 
 
-def _session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
-
-
-def _time_ort(sess, x1: np.ndarray, xb: np.ndarray, reps: int, batches: int) -> tuple[float, float]:
-    name = sess.get_inputs()[0].name
-    for _ in range(3):
-        sess.run(None, {name: x1})
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        sess.run(None, {name: x1})
-        ts.append(time.perf_counter() - t0)
-    sess.run(None, {name: xb})
-    t0 = time.perf_counter()
-    for _ in range(batches):
-        sess.run(None, {name: xb})
-    return 1e3 * statistics.median(ts), batches * len(xb) / (time.perf_counter() - t0)
-
-
-@torch.inference_mode()
-def _time_torch(model, x1: torch.Tensor, xb: torch.Tensor, reps: int, batches: int) -> tuple[float, float]:
-    for _ in range(3):
-        model(x1)
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        model(x1)
-        ts.append(time.perf_counter() - t0)
-    model(xb)
-    t0 = time.perf_counter()
-    for _ in range(batches):
-        model(xb)
-    return 1e3 * statistics.median(ts), batches * len(xb) / (time.perf_counter() - t0)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet20")
@@ -105,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                     "and target; default 1,8: any width, and multiples of 8 that vector kernels like)")
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op and torch threads (default 1)")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--latency-reps", type=int, default=50)
-    ap.add_argument("--throughput-batches", type=int, default=3)
+    ap.add_argument("--min-round-s", type=float, default=0.05,
+                    help="each round repeats a model's call until at least this long (seconds)")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--exporter", default="auto", help="auto, dynamo or torchscript")
     ap.add_argument("--quick", action="store_true", help="digits 8x8, 2 rounds, few reps (smoke test)")
@@ -114,13 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-write", action="store_true", help="do not write docs/results/export.*")
     args = ap.parse_args(argv)
     if args.quick:
-        args.data, args.rounds, args.latency_reps, args.throughput_batches = "digits", 2, 10, 1
+        args.data, args.rounds, args.min_round_s = "digits", 2, 0.01
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import onnxruntime as ort
 
     import flowprune as fp
+    from flowprune.export_speed import time_exported
     from flowprune.measure import count_macs_params
     from flowprune.report import format_table
 
@@ -144,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             models[f"l1 {t:g}x" + (f" /{rt}" if rt > 1 else "")] = res.model.eval()
     shape = tuple(data.input_shape)
     tmp = Path(tempfile.mkdtemp(prefix="bench_export_"))
-    info, sessions = {}, {}
+    info, files = {}, {}
     for name, m in models.items():
         macs, params = count_macs_params(m, shape)
         t0 = time.perf_counter()
@@ -152,42 +107,30 @@ def main(argv: list[str] | None = None) -> int:
         info[name] = {"macs": macs, "params": params, "exporter": ex.exporter, "opset": ex.opset,
                       "max_abs_error": ex.max_abs_error, "export_seconds": time.perf_counter() - t0,
                       "onnx_bytes": ex.path.stat().st_size}
-        sessions[name] = _session(ex.path, args.threads)
-    g = torch.Generator().manual_seed(1)
-    x1 = torch.randn(1, *shape, generator=g)
-    xb = torch.randn(args.batch, *shape, generator=g)
+        files[name] = ex.path
     names = list(models)
-    per_round: dict[str, dict[str, list[float]]] = {n: {k: [] for k in ("ort_lat", "ort_thr", "pt_lat", "pt_thr")}
-                                                    for n in names}
-    for r in range(args.rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for n in order:
-            lat, thr = _time_ort(sessions[n], x1.numpy(), xb.numpy(), args.latency_reps, args.throughput_batches)
-            per_round[n]["ort_lat"].append(lat)
-            per_round[n]["ort_thr"].append(thr)
-            if not args.no_torch:
-                lat, thr = _time_torch(models[n], x1, xb, args.latency_reps, args.throughput_batches)
-                per_round[n]["pt_lat"].append(lat)
-                per_round[n]["pt_thr"].append(thr)
+    # every model, onnxruntime and eager, timed together: one interleaved harness call per batch size
+    sp = time_exported(models, files, shape, base="dense", batch_sizes=(1, args.batch), rounds=args.rounds,
+                       threads=args.threads, eager=not args.no_torch, min_round_s=args.min_round_s,
+                       macs={n: info[n]["macs"] for n in names})
     after = _load_snapshot()
-    med = {n: {k: (statistics.median(v) if v else None) for k, v in per_round[n].items()} for n in names}
-    d = med["dense"]
+    b1, bb = sp["b1"], sp[f"b{args.batch}"]
     rows = []
     for n in names:
-        m = med[n]
         red = info["dense"]["macs"] / info[n]["macs"]
-        sp_lat = d["ort_lat"] / m["ort_lat"]
-        sp_thr = m["ort_thr"] / d["ort_thr"]
+        sp_lat, sp_thr = (1.0, 1.0) if n == "dense" else (b1["speedup"][n], bb["speedup"][n])
         row = {"model": n, "MACs": info[n]["macs"], "MACs fewer x": red, "params": info[n]["params"],
                "exporter": info[n]["exporter"],
-               "ORT latency b1 ms": m["ort_lat"], f"ORT throughput b{args.batch}/s": m["ort_thr"],
+               "ORT latency b1 ms": 1e3 * b1["seconds"][f"{n} onnxruntime"],
+               f"ORT throughput b{args.batch}/s": bb["per_second"][f"{n} onnxruntime"],
                "ORT speed-up b1": sp_lat, f"ORT speed-up b{args.batch}": sp_thr,
-               "speed-up per MACs cut b1": sp_lat / red, f"speed-up per MACs cut b{args.batch}": sp_thr / red}
+               "speed-up per MACs cut b1": None if sp_lat is None else sp_lat / red,
+               f"speed-up per MACs cut b{args.batch}": None if sp_thr is None else sp_thr / red}
         if not args.no_torch:
-            row["torch latency b1 ms"] = m["pt_lat"]
-            row[f"torch throughput b{args.batch}/s"] = m["pt_thr"]
-            row["ORT vs torch b1"] = m["pt_lat"] / m["ort_lat"]
-            row[f"ORT vs torch b{args.batch}"] = m["ort_thr"] / m["pt_thr"]
+            row["torch latency b1 ms"] = 1e3 * b1["seconds"][f"{n} eager"]
+            row[f"torch throughput b{args.batch}/s"] = bb["per_second"][f"{n} eager"]
+            row["ORT vs torch b1"] = b1["onnxruntime_vs_eager"][n]
+            row[f"ORT vs torch b{args.batch}"] = bb["onnxruntime_vs_eager"][n]
         rows.append(row)
     seconds = time.perf_counter() - t_start
     title = (f"{args.model} on {args.data} {shape}: onnxruntime {ort.__version__} vs PyTorch {torch.__version__} "
@@ -200,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                           "torch": torch.__version__, "onnxruntime": ort.__version__, "threads": args.threads},
               "load_before": before, "load_after": after, "settings": vars(args), "models": info,
-              "medians": med, "per_round": per_round, "rows": rows, "seconds": seconds}
+              "timing": sp, "rows": rows, "seconds": seconds}
     if not args.no_write:
         from flowprune.report import write_results
 
@@ -227,8 +170,8 @@ def _markdown(command: str, table: str, res: dict, rows: list[dict], batch: int)
         "(speed only; accuracy is not measured here); \"/8\" marks kept widths rounded to multiples of 8 "
         "(`round_to=8`). Each model exported by `flowprune.export` "
         "(ONNX, dynamic batch, checked against PyTorch to 1e-4) and run by onnxruntime's CPU provider. "
-        "Latency: median of single-sample runs; throughput: batches of "
-        f"{batch}; both the median of interleaved rounds. \"speed-up per MACs cut\" = speed-up over the dense "
+        "Latency: batch 1; throughput: batches of "
+        f"{batch}; every model timed together in one interleaved harness call per batch size (medians). \"speed-up per MACs cut\" = speed-up over the dense "
         "ONNX model / MACs reduction (1.0 = time fell as fast as MACs).",
         "",
         table,

@@ -43,10 +43,11 @@ import torch
 
 from flowprune import io
 from flowprune.data import load_dataset, make_loader
-from flowprune.measure import accuracy, count_macs_params, latency
+from flowprune.measure import accuracy, count_macs_params
 from flowprune.models import build_model
 from flowprune.pruning.idap import idap
 from flowprune.report import format_table, write_results
+from flowprune.timing import time_models
 from flowprune.train import TrainConfig, fit, reestimate_bn
 
 ROOT = Path("runs/bench")
@@ -136,19 +137,15 @@ def agf_baseline(dense, data, seed: int, target: float, batches: int, out: Path,
 
 
 def speed(models: dict, shape, rounds: int) -> dict:
-    """Batch-1 latency and batch-256 throughput, interleaved rounds, medians of per-round ratios to dense."""
-    lat = {k: [] for k in models}
-    b256 = {k: [] for k in models}
-    for _ in range(rounds):  # the shared machine's load hits every model alike
-        for k, m in models.items():
-            lat[k].append(latency(m, shape, batch_size=1, warmup=5, repeats=20))
-            b256[k].append(latency(m, shape, batch_size=256, warmup=1, repeats=3))
-    out = {}
-    for k in models:
-        out[k] = {"b1_ms": 1e3 * statistics.median(lat[k]),
-                  "b1_speedup": statistics.median(d / x for x, d in zip(lat[k], lat["dense"])),
-                  "b256_per_s": 256 / statistics.median(b256[k]),
-                  "b256_speedup": statistics.median(d / x for x, d in zip(b256[k], b256["dense"]))}
+    """Batch-1 latency and batch-256 throughput: every model timed together (flowprune.timing), medians."""
+    out = {k: {} for k in models}
+    for b in (1, 256):
+        t = time_models(models, torch.randn(b, *shape), rounds=rounds, warmup=2, min_round_s=0.05)
+        for k in models:
+            if b == 1:
+                out[k].update(b1_ms=1e3 * t.median[k], b1_speedup=t.speedup("dense", k))
+            else:
+                out[k].update(b256_per_s=256 / t.median[k], b256_speedup=t.speedup("dense", k))
     return out
 
 

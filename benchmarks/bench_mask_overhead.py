@@ -42,7 +42,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -60,6 +59,7 @@ from flowprune.pruning.masks import (
     weight_parameters,
 )
 from flowprune.report import format_table
+from flowprune.timing import time_callables
 
 
 class _LegacyST(torch.autograd.Function):
@@ -196,22 +196,33 @@ def make_steps(name: str, batch: int, shape=(1, 28, 28)):
 
 
 def measure_raw(name: str, batch: int, rounds: int, per_round: int) -> dict:
-    """One process: interleaved rounds; raw step times (s) and minor page faults per step."""
+    """One process: the steps timed together (flowprune.timing: interleaved rotated rounds of
+    ``per_round`` calls each, seconds per call per round) and minor page faults per step."""
     steps, pbytes, lbytes = make_steps(name, batch)
-    for f in steps.values():  # warm-up
-        for _ in range(3):
-            f()
-    times: dict[str, list[float]] = {k: [] for k in steps}
     faults: dict[str, int] = {k: 0 for k in steps}
-    for _ in range(rounds):
-        for k, f in steps.items():
-            for _ in range(per_round):
-                a = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-                t = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t)
-                faults[k] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - a
-    return {"times": times, "faults": faults, "params_bytes": pbytes, "logit_bytes": lbytes}
+    calls: dict[str, int] = {k: 0 for k in steps}
+
+    def counted(k, f):
+        def run():
+            a = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            f()
+            faults[k] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - a
+            calls[k] += 1
+        return run
+
+    fns = {k: counted(k, f) for k, f in steps.items()}
+    for k in steps:  # warm-up
+        for _ in range(3):
+            fns[k]()
+    faults.update({k: 0 for k in steps})
+    calls.update({k: 0 for k in steps})
+    times = {k: [] for k in steps}
+    for _ in range(per_round):  # per_round passes of `rounds` rounds: rounds * per_round samples per step
+        t = time_callables(fns, rounds=rounds, warmup=0, min_round_s=0.0)
+        for k in steps:
+            times[k] += t.samples[k]
+    return {"times": times, "faults": {k: faults[k] * len(times[k]) // max(calls[k], 1) for k in steps},
+            "params_bytes": pbytes, "logit_bytes": lbytes}
 
 
 MALLOC_KEEP = {"MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_MMAP_THRESHOLD_": str(1 << 30),
@@ -250,14 +261,7 @@ def run_procs(name: str, batch: int, rounds: int, per_round: int, procs: int, th
 
 
 def _median_us(f, reps: int = 300) -> float:
-    for _ in range(20):
-        f()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t)
-    return 1e6 * statistics.median(ts)
+    return 1e6 * time_callables({"f": f}, rounds=reps, warmup=20, min_round_s=0.0).median["f"]
 
 
 def micro() -> dict:

@@ -31,6 +31,7 @@ from torch import nn
 
 from flowprune.report import format_table
 from flowprune.sparse import sparse_layer
+from flowprune.timing import time_callables
 
 LAYERS = {
     # name: (what, factory, input shape without the batch)
@@ -60,17 +61,11 @@ def pruned_layer(name: str, sparsity: float, seed: int = 0) -> nn.Module:
 
 
 def time_pair(dense: nn.Module, sparse: nn.Module, x: torch.Tensor, reps: int) -> tuple[list[float], list[float]]:
-    """Seconds of ``reps`` interleaved calls of each, after two warm-up calls each."""
-    td, ts = [], []
+    """Seconds per call of each in ``reps`` interleaved rounds (flowprune.timing), after two warm-up calls each."""
     with torch.no_grad():
-        for f in (dense, sparse, dense, sparse):
-            f(x)
-        for _ in range(reps):
-            for f, acc in ((dense, td), (sparse, ts)):
-                t = time.perf_counter()
-                f(x)
-                acc.append(time.perf_counter() - t)
-    return td, ts
+        t = time_callables({"dense": lambda: dense(x), "sparse": lambda: sparse(x)}, rounds=reps, warmup=2,
+                           min_round_s=0.0)
+    return t.samples["dense"], t.samples["sparse"]
 
 
 def crossover(points: list[tuple[float, float]]) -> str:

@@ -26,7 +26,7 @@ def _stages(device: str, epochs: int, amp: str) -> dict:
     import torch
 
     import flowprune as fp
-    from flowprune.measure import latency, throughput
+    from flowprune.measure import speed_compare
     from flowprune.pruning.hyperflows import hyperflows_prune
     from flowprune.pruning.idap import idap
     from flowprune.pruning.structural import prune
@@ -64,10 +64,13 @@ def _stages(device: str, epochs: int, amp: str) -> dict:
     hf = timed("hyperflows 90%", lambda: hyperflows_prune(lenet, data, target_sparsity=0.9, prune_epochs=2,
                                                           regrow_epochs=1, device=device, progress=False))
     out["accuracy"]["hyperflows"] = hf["accuracy"]
-    for name, m in (("dense", dense), ("pruned", pr.model)):
-        m = m.to(device)
-        out["speed"][name] = {"latency_ms_b1": 1e3 * latency(m, batch_size=1, repeats=30),
-                              "throughput_b256": throughput(m, batch_size=256, repeats=10)}
+    # dense and pruned timed together (one interleaved harness call per batch size, device-synchronised)
+    sp = speed_compare({"dense": dense.to(device), "pruned": pr.model.to(device)}, base="dense",
+                       batch_sizes=(1, 256), rounds=7, min_round_s=0.05)
+    for name in ("dense", "pruned"):
+        out["speed"][name] = {"latency_ms_b1": 1e3 * sp["b1"]["seconds"][name],
+                              "throughput_b256": sp["b256"]["per_second"][name]}
+    out["speed"]["timing"] = sp
     out["device_name"] = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else device
     return out
 

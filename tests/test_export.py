@@ -151,12 +151,26 @@ def test_saved_model_directory_and_cli(tmp_path, capsys):
 
     m = cut_model("lenet300", "channels")
     fp.save(m, tmp_path / "light")
+    torch.manual_seed(0)
+    fp.save(build_model("lenet300", (1, 8, 8), 10), tmp_path / "dense")
     out = tmp_path / "light.onnx"
     assert main(["export", str(tmp_path / "light"), "--format", "onnx", "--out", str(out),
-                 "--exporter", "torchscript"]) == 0
-    assert "torchscript exporter" in capsys.readouterr().out
+                 "--exporter", "torchscript", "--baseline", str(tmp_path / "dense"), "--speed-batch", "4",
+                 "--speed-rounds", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "torchscript exporter" in printed and "onnxruntime" in printed and "speed-up b4" in printed
     _check_onnx(m, out, (1, 8, 8))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["light", "light.onnx"]  # no temp file left
+    # no temp file left; the speed measured after export sits beside the file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "light", "light.onnx", "light.onnx.speed.json"]
+    sp = json.loads((tmp_path / "light.onnx.speed.json").read_text())
+    assert sp["backend"] == "onnxruntime" and sp["batch_sizes"] == [1, 4]
+    for b in ("b1", "b4"):
+        assert set(sp[b]["seconds"]) == {"exported onnxruntime", "exported eager", "baseline onnxruntime",
+                                         "baseline eager"}
+        v = sp[b]["speedup"]["exported"]
+        assert v is None or v == pytest.approx(sp[b]["seconds"]["baseline onnxruntime"]
+                                               / sp[b]["seconds"]["exported onnxruntime"])
+    assert sp["macs"]["baseline"] > sp["macs"]["exported"]
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -175,4 +175,8 @@ def test_cli_stage2_writes_results_and_model(digits_data, tmp_path, capsys):
     assert sorted(n for n, m in back.named_modules() if isinstance(m, nn.Identity) and n.startswith("blocks.")
                   and n.count(".") == 1) == sorted(res["removed_blocks"])
     assert res["final"]["macs"] <= res["dense"]["macs"]
-    assert "stopped:" in capsys.readouterr().out
+    # speed next to the MACs reduction: dense and pruned timed together (issue 21); a value or refused
+    assert {"speed", "speedup_b1", "speedup_b64", "speed_backend", "macs_reduction"} <= set(res)
+    assert res["speed"]["macs_reduction"]["pruned"] == pytest.approx(res["macs_reduction"])
+    printed = capsys.readouterr().out
+    assert "stopped:" in printed and "timed together, interleaved" in printed

@@ -151,3 +151,14 @@ def test_time_models_restores_modes_and_runs_without_grad(clock):
     assert m.training and not m.lin.training
     assert calls and all(c == (False, False, (4, 3)) for c in calls)
     assert t.backend == "eager" and t.median["p"] == pytest.approx(0.01)
+
+
+def test_compile_failure_falls_back_to_eager_with_a_note(clock, monkeypatch):
+    def broken(model):
+        raise RuntimeError("no C compiler\nmore detail")
+
+    monkeypatch.setattr(timing.torch, "compile", broken)
+    m = nn.Linear(3, 2)
+    t = time_models({"m": m}, torch.zeros(2, 3), backend="compile", rounds=1, warmup=0, min_round_s=0.0)
+    assert t.backend == "eager (torch.compile failed)"
+    assert len(t.notes) == 1 and "RuntimeError: no C compiler" in t.notes[0] and "timed eager" in t.notes[0]

@@ -152,14 +152,16 @@ def _batch_speed(t: Timings, base: str, b: int, macs: Mapping[str, int], slack: 
 
 def speed_compare(models: Mapping[str, nn.Module], input_shape: Sequence[int] | None = None, *, base: str,
                   batch_sizes: Sequence[int] = (1, SPEED_BATCH), backend: str = "eager", rounds: int = 5,
-                  warmup: int = 1, min_round_s: float = 0.02, slack: float = SPEED_SLACK) -> dict:
+                  warmup: int = 1, min_round_s: float = 0.02, slack: float = SPEED_SLACK,
+                  macs: Mapping[str, int] | None = None) -> dict:
     """Measured speed-up of each model over ``base`` at each batch size, next to its MACs reduction.
 
     All models are timed together, interleaved (:func:`flowprune.timing.time_models`), once per
     batch size, on random inputs of ``input_shape`` on ``base``'s device. A speed-up that beats
     the MACs reduction by more than ``slack`` beyond the noise band is re-measured once and, if
     it still does, refused (:func:`flowprune.timing.check_plausible`): its ``speedup`` is None
-    and the reason is in ``refused``.
+    and the reason is in ``refused``. ``macs`` gives each model's work per sample where Torch-Pruning's
+    counter cannot (sparse execution: the nonzero MACs); by default it is counted.
 
     Returns a JSON-safe dict: ``device``, ``backend``, ``threads``, ``rounds``, ``batch_sizes``,
     ``macs`` and ``macs_reduction`` per model, ``load_before`` / ``load_after`` (1-minute load
@@ -172,7 +174,9 @@ def speed_compare(models: Mapping[str, nn.Module], input_shape: Sequence[int] | 
                              f"({', '.join(models) if isinstance(models, Mapping) else type(models).__name__})")
     sizes = [check_positive_int("batch size", b) for b in batch_sizes]
     shape = input_shape_of(models[base], input_shape)
-    macs = {k: count_macs_params(m, shape)[0] for k, m in models.items()}
+    macs = dict(macs) if macs is not None else {k: count_macs_params(m, shape)[0] for k, m in models.items()}
+    if set(macs) != set(models):
+        raise FlowpruneError(f"speed_compare: macs must name the same models ({', '.join(models)}), got {', '.join(macs)}")
     out: dict = {"backend": backend, "batch_sizes": sizes, "macs": macs,
                  "macs_reduction": {k: macs[base] / max(v, 1) for k, v in macs.items() if k != base},
                  "notes": [], "refused": []}

@@ -283,17 +283,13 @@ def sparse_layer(module: nn.Module) -> nn.Module | None:
     return None
 
 
-def _median_seconds(layer: nn.Module, x: torch.Tensor, reps: int) -> float:
-    import time
+def _median_seconds(dense: nn.Module, sparse: nn.Module, x: torch.Tensor, reps: int) -> tuple[float, float]:
+    """Median seconds of the dense and the sparse layer on ``x``, timed together (interleaved rounds)."""
+    from flowprune.timing import time_callables
 
-    layer(x)
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        layer(x)
-        ts.append(time.perf_counter() - t)
-    ts.sort()
-    return ts[len(ts) // 2]
+    t = time_callables({"dense": lambda: dense(x), "sparse": lambda: sparse(x)}, device=x.device, rounds=reps,
+                       warmup=1, min_round_s=0.0)
+    return t.median["dense"], t.median["sparse"]
 
 
 def to_sparse_execution(model: nn.Module, *, min_sparsity: float = 0.7, linear: bool = True,
@@ -303,7 +299,8 @@ def to_sparse_execution(model: nn.Module, *, min_sparsity: float = 0.7, linear: 
 
     Layers with fewer than ``min_sparsity`` zeros stay dense. With ``example_input`` (a batch of
     the size you will run), each candidate layer is timed dense and sparse on the input it sees
-    for that batch (medians of ``reps`` calls) and converted only when the sparse form is faster
+    for that batch (the two timed together by :mod:`flowprune.timing`, medians of ``reps``
+    interleaved rounds) and converted only when the sparse form is faster
     there: the sparse path then never loses to dense layer by layer. ``model.sparse_decisions``
     records ``{layer: {"dense_ms", "sparse_ms", "sparse"}}``. The copy is for inference (eval
     mode, no gradients); ``model.sparse_layers`` lists the converted layers.
@@ -336,8 +333,7 @@ def to_sparse_execution(model: nn.Module, *, min_sparsity: float = 0.7, linear: 
         if new is not None and example_input is not None and name in inputs:
             x = inputs[name]
             with torch.no_grad():
-                td = _median_seconds(m, x, reps)
-                tsp = _median_seconds(new, x, reps)
+                td, tsp = _median_seconds(m, new, x, reps)
             decisions[name] = {"dense_ms": 1e3 * td, "sparse_ms": 1e3 * tsp, "sparse": tsp < td}
             if tsp >= td:
                 new = None

@@ -36,7 +36,8 @@ from flowprune.train import TrainConfig
 
 RUN_STATE_FILE = "flowprune_run.json"
 # argparse entries that do not change what a run computes
-NOT_OPTIONS = frozenset({"_run", "debug", "threads", "overwrite", "no_resume", "command", "no_report", "device"})
+NOT_OPTIONS = frozenset({"_run", "debug", "threads", "overwrite", "no_resume", "command", "no_report", "device",
+                         "no_speed", "speed_batch", "speed_backend", "speed_rounds"})
 # what flowprune commands write into OUT (removed by --overwrite when OUT was not created by the run)
 KNOWN_OUTPUTS = ("results.json", "model.json", "model.safetensors", "model.safetensors.prev", "model.json.tmp",
                  "model.safetensors.tmp", "checkpoint.pt", "checkpoint.pt.tmp", "hyperflows.pt", "hyperflows.pt.tmp",

@@ -20,6 +20,7 @@ import math
 import sys
 from pathlib import Path
 
+from flowprune.commands import _speed
 from flowprune.commands._common import (
     Timer,
     add_data_arguments,
@@ -70,7 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sweep: comma-separated constant pressures (default 2^k, k=-2..4)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
-    p.add_argument("--no-speed", action="store_true", help="skip dense vs sparse latency measurement")
+    _speed.add_speed_arguments(p)
 
 
 def _parse_gammas(text: str) -> list[float]:
@@ -154,6 +155,25 @@ def run(args: argparse.Namespace) -> int:
         return _work(args, run, out, data, model, cfg, gammas, law)
 
 
+def _sparse_speed(args, pruned, data, sparsity: float) -> dict:
+    """The pruned model run dense, with every sparse layer, and with the auto choice, timed together;
+    their work for the plausibility check is the nonzero MACs (dense MACs x density)."""
+    import torch
+
+    from flowprune.measure import count_macs_params
+    from flowprune.sparse import to_sparse_execution
+
+    fast = to_sparse_execution(pruned)
+    auto = to_sparse_execution(pruned, example_input=torch.randn(1, *data.input_shape))
+    dense_macs = count_macs_params(pruned, data.input_shape)[0]
+    nonzero = max(1, round(dense_macs * (1.0 - sparsity)))
+    sp = _speed.measure(args, {"dense": pruned, "sparse": fast, "auto": auto}, data.input_shape, "dense",
+                        macs={"dense": dense_macs, "sparse": nonzero, "auto": nonzero})
+    sp.update({f"{k}_latency_ms_b1": 1e3 * sp["b1"]["seconds"][k] for k in ("dense", "sparse", "auto")},
+              sparse_layers=fast.sparse_layers, auto_sparse_layers=auto.sparse_layers)
+    return {"speed": sp, **_speed.flat(sp, "auto")}
+
+
 def _work(args, run, out, data, model, cfg, gammas, law) -> int:
     from flowprune.pruning.hyperflows import hyperflows_prune, pressure_sweep
     from flowprune.report import format_table, write_results
@@ -196,18 +216,7 @@ def _work(args, run, out, data, model, cfg, gammas, law) -> int:
     res["sparse_file_bytes"] = sp_info["stored_bytes"]
     res["dense_file_bytes"] = sp_info["dense_bytes"]
     if not args.no_speed:
-        import torch
-
-        from flowprune.measure import latency
-        from flowprune.sparse import to_sparse_execution
-
-        fast = to_sparse_execution(pruned)
-        auto = to_sparse_execution(pruned, example_input=torch.randn(1, *data.input_shape))
-        res["speed"] = {"dense_latency_ms_b1": 1e3 * latency(pruned, data.input_shape),
-                        "sparse_latency_ms_b1": 1e3 * latency(fast, data.input_shape),
-                        "sparse_layers": fast.sparse_layers,
-                        "auto_latency_ms_b1": 1e3 * latency(auto, data.input_shape),
-                        "auto_sparse_layers": auto.sparse_layers}
+        res.update(_sparse_speed(args, pruned, data, res["sparsity"]))
     res["test_accuracy"] = res["accuracy"]
     write_results(out / "results.json", res)
     run.finish()
@@ -220,7 +229,10 @@ def _work(args, run, out, data, model, cfg, gammas, law) -> int:
         row["dense ms"] = res["speed"]["dense_latency_ms_b1"]
         row["sparse ms"] = res["speed"]["sparse_latency_ms_b1"]
         row["auto ms"] = res["speed"]["auto_latency_ms_b1"]
+        row.update(_speed.columns(res["speed"], "auto"))
     print(format_table([row], digits=4))
+    if "speed" in res:
+        print(_speed.describe(res["speed"]) + "\n(speed-up columns: the auto sparse execution over the dense one)")
     if not sch["within_tolerance"]:
         print(f"WARNING: {sch['warning']}; fine-tuned {cor['finetune_steps']} steps after it")
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from flowprune.commands import _speed
 from flowprune.commands._common import (
     Timer,
     add_data_arguments,
@@ -70,6 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--lr", type=float, default=1e-3)
     s.add_argument("--round-to", type=int, default=1, help="round pruned widths to a multiple of this")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in OUT/checkpoint")
+    _speed.add_speed_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,6 +106,9 @@ def run(args: argparse.Namespace) -> int:
     summary = res.to_dict()
     summary.update(command="idap", checkpoint=args.checkpoint, data=args.data, seed=args.seed,
                    seconds=t.seconds, model_name=model.flowprune_base.get("name"))
+    speed = _speed.measure(args, {"dense": model, "pruned": res.model}, data.input_shape, "dense")
+    if speed is not None:
+        summary.update(_speed.flat(speed, "pruned"), speed=speed, macs_reduction=res.final["macs_reduction"])
     io.save(res.model, out / "model", metadata={"method": "idap", "stages": list(stages),
                                                 "removed_blocks": res.removed_blocks,
                                                 "essential_blocks": res.essential_blocks,
@@ -119,7 +124,9 @@ def run(args: argparse.Namespace) -> int:
     print(format_table([{"": "dense", "test acc %": 100 * (res.dense["test_accuracy"] or 0), "MACs": res.dense["macs"],
                          "params": res.dense["params"]},
                         {"": "pruned", "test acc %": 100 * (res.final["test_accuracy"] or 0),
-                         "MACs": res.final["macs"], "params": res.final["params"]}]))
+                         "MACs": res.final["macs"], "params": res.final["params"], **_speed.columns(speed, "pruned")}]))
+    if speed is not None:
+        print(_speed.describe(speed))
     print(f"MACs {res.final['macs_reduction']:.2f}x fewer, params {res.final['params_reduction']:.2f}x fewer; "
           f"blocks removed: {len(res.removed_blocks)}, kept as essential: {len(res.essential_blocks)}")
     if "2" in res.stage_reasons and res.stage_reasons["2"].startswith("skipped"):

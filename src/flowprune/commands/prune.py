@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from flowprune.commands import _speed
 from flowprune.commands._common import (
     Timer,
     add_checkpoint_arguments,
@@ -70,7 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--round-to", type=int, default=1, help="kept widths are multiples of this")
     p.add_argument("--min-width", type=int, default=1, help="no unit goes below this width")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--no-speed", action="store_true", help="skip latency/throughput measurement")
+    _speed.add_speed_arguments(p)
 
 
 def parse_steps(value: str) -> int | str:
@@ -160,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
 def _results(args, model, data, res, dense_acc: float, seconds: float) -> dict:
     """``OUT/results.json``: the dense model, every stage's accuracy, sizes, speed and the history."""
     from flowprune.data import make_loader
-    from flowprune.measure import accuracy, count_macs_params, speed_report
+    from flowprune.measure import accuracy, count_macs_params
 
     last = res.history[-1] if res.history else {}
     dense_macs, dense_params = count_macs_params(model, data.input_shape)
@@ -175,9 +176,14 @@ def _results(args, model, data, res, dense_acc: float, seconds: float) -> dict:
                "macs_reduction": dense_macs / max(res.macs, 1), "widths": res.widths, "history": res.history,
                "seconds": seconds, "config": res.config, "unsupported_layers": res.unsupported,
                "target_speedup": args.target_speedup, "latency": res.latency}
-    if not args.no_speed:
-        results.update(speed_report(res.model, data.input_shape))
-        results["dense_speed"] = speed_report(model, data.input_shape)
+    speed = _speed.measure(args, {"dense": model, "pruned": res.model}, data.input_shape, "dense")
+    if speed is not None:
+        b = args.speed_batch
+        results.update(_speed.flat(speed, "pruned"), speed=speed,
+                       latency_ms_b1=1e3 * speed["b1"]["seconds"]["pruned"],
+                       **{f"throughput_b{b}": speed[f"b{b}"]["per_second"]["pruned"]},
+                       dense_speed={"latency_ms_b1": 1e3 * speed["b1"]["seconds"]["dense"],
+                                    f"throughput_b{b}": speed[f"b{b}"]["per_second"]["dense"]})
     return results
 
 
@@ -197,7 +203,11 @@ def _save_and_print(args, out, data, res, results: dict) -> None:
                          "dense acc %": pct(results["dense_accuracy"]), "cut %": pct(results["accuracy_after_cut"]),
                          "BN %": pct(results["accuracy_after_bn"]), "final %": pct(results["accuracy"]),
                          "MACs x": results["macs_reduction"], "params": res.params,
-                         "latency b1 ms": results.get("latency_ms_b1")}]))
+                         "latency b1 ms": results.get("latency_ms_b1"),
+                         **_speed.columns(results.get("speed"), "pruned")}]))
+    line = _speed.describe(results.get("speed"))
+    if line:
+        print(line)
     if res.latency:
         lat = res.latency
         print(f"speed-up on {lat['device']} ({lat['backend']}): target {lat['target_speedup']:g}x, predicted "

@@ -38,7 +38,14 @@ from flowprune.route.calibrate import (
     threshold_for_budget,
 )
 from flowprune.route.cascade import Cascade, check_experts
-from flowprune.route.cost import c_cascade, c_mix, mac_costs, measure_speed, profile_overhead
+from flowprune.route.cost import (
+    c_cascade,
+    c_mix,
+    mac_costs,
+    measure_speed,
+    profile_overhead,
+    routed_speed_summary,
+)
 from flowprune.route.routers import RandomRouter, Router, auroc, get_router, router_class
 
 SWEEP_USAGES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -75,6 +82,7 @@ class RouteResult(ProcedureResult):
         sp = r.get("speed")
         if sp:
             s["routed_speedup_b256"] = sp.get("routed_speedup_b256")
+            s["speedup_b1"], s["speedup_b64"] = r.get("speedup_b1"), r.get("speedup_b64")
             s["latency_ms_b1_routed"] = sp["routed"]["latency_ms_b1"]
         if r.get("overhead"):
             s["overhead_frac_b256"] = r["overhead"]["overhead_frac"]
@@ -172,39 +180,33 @@ def _chunked(x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 @torch.inference_mode()
 def _relative_time(cascade, x: torch.Tensor, thresholds: list[float], routers: list, batch_size: int,
                    rounds: int) -> list[float]:
-    """Routed time / heavy-only time on the same real batches, heavy and routed interleaved per round.
-
-    One ratio per ``(threshold, router)`` pair: median over ``rounds`` of (routed seconds / heavy
-    seconds measured right before it).
-    """
-    import time
-
-    from flowprune.device import synchronize
+    """Routed time / heavy-only time on the same real batches: the heavy expert and every
+    ``(threshold, router)`` pair timed together in one harness call (:mod:`flowprune.timing`,
+    interleaved rotated rounds, medians); one ratio of medians per pair."""
+    from flowprune.timing import time_callables
 
     chunks = [c.to(cascade.input_device()) for c in _chunked(x, batch_size)]
     saved = cascade.router
     heavy = cascade.heavy.eval()
-    ratios: list[list[float]] = [[] for _ in thresholds]
+
+    def routed(tau, r):
+        def run():
+            cascade.router = r
+            for c in chunks:
+                cascade.route(c, threshold=tau)
+        return run
+
+    def heavy_pass():
+        for c in chunks:
+            heavy(c)
+
+    fns = {"heavy": heavy_pass, **{f"t{j}": routed(tau, r) for j, (tau, r) in enumerate(zip(thresholds, routers))}}
     try:
-        heavy(chunks[0])
-        for _ in range(rounds):
-            for j, (tau, r) in enumerate(zip(thresholds, routers)):
-                cascade.router = r
-                synchronize(chunks[0].device)
-                t0 = time.perf_counter()
-                for c in chunks:
-                    heavy(c)
-                synchronize(chunks[0].device)
-                t1 = time.perf_counter()
-                for c in chunks:
-                    cascade.route(c, threshold=tau)
-                synchronize(chunks[0].device)
-                t2 = time.perf_counter()
-                ratios[j].append((t2 - t1) / (t1 - t0))
+        t = time_callables(fns, device=chunks[0].device, rounds=rounds, warmup=1, min_round_s=0.0)
     finally:
         cascade.router = saved
         saved.reset()
-    return [statistics.median(v) for v in ratios]
+    return [t.median[f"t{j}"] / t.median["heavy"] for j in range(len(thresholds))]
 
 
 def sweep(cascade, val_outs: ExpertOutputs, test_outs: ExpertOutputs, test_x: torch.Tensor, costs: dict, *,
@@ -339,6 +341,7 @@ def _evaluate(cascade, data, *, mode: str, target: float, tolerance: float, lear
         results.update({"latency_ms_b1": {k: sp[k]["latency_ms_b1"] for k in ("heavy", "light", "routed")},
                         "throughput_b64": {k: sp[k]["throughput_b64"] for k in ("heavy", "light", "routed")},
                         "throughput_b256": {k: sp[k]["throughput_b256"] for k in ("heavy", "light", "routed")}})
+        results.update(routed_speed_summary(sp, costs))
     if diagnostic:
         results["signal_compression"] = signal_compression(cascade.heavy, data, early_steps=diagnostic_steps, seed=seed)
     res = RouteResult(cascade=cascade, calibration=cal, results=results)

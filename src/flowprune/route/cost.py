@@ -10,22 +10,23 @@ Relative costs are fractions of the heavy expert's MACs per sample (Torch-Prunin
   where ``c_rest`` is the relative cost of what an escalated sample still runs: 1 for two experts,
   the suffix after the exit stage for an early-exit network.
 
-Measured speed (``measure_speed``): heavy-only, light-only and routed forwards are timed in
-interleaved rounds on the **same real batches** (routing depends on the inputs, so random inputs
-would misstate the routed cost); medians over rounds. Batch-1 latency is reported as the median
-and the mean over real samples (the routed distribution is bimodal: light-only or light+heavy).
+Measured speed (``measure_speed``): heavy-only, light-only and routed forwards are timed together
+by the one harness (:mod:`flowprune.timing`: interleaved rotated rounds, medians) on the **same
+real batches** (routing depends on the inputs, so random inputs would misstate the routed cost).
+Batch-1 latency is the mean over real samples (the routed distribution is bimodal: light-only or
+light+heavy). A routed figure faster than the light expert, or faster than ``1 / p_h`` times the
+heavy expert, is physically impossible and refused (:func:`flowprune.timing.check_plausible`).
 """
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Sequence
 
 import torch
 
-from flowprune.device import synchronize
+from flowprune.errors import ImplausibleTiming
 from flowprune.measure import count_macs_params
+from flowprune.timing import Timings, check_plausible, time_callables
 
 
 def c_mix(p_h: float, c_l: float) -> float:
@@ -59,14 +60,6 @@ def mac_costs(cascade) -> dict:
             "c_l": c_l, "c_rest": rest_macs / heavy_macs, "mac_reduction": heavy_macs / max(light_macs, 1)}
 
 
-def _timed(fn, x) -> float:
-    synchronize(x.device)
-    t0 = time.perf_counter()
-    fn(x)
-    synchronize(x.device)  # queued GPU kernels belong to this call
-    return time.perf_counter() - t0
-
-
 def _chunks(x: torch.Tensor, b: int) -> list[torch.Tensor]:
     n = (len(x) // b) * b
     if n == 0:
@@ -74,101 +67,132 @@ def _chunks(x: torch.Tensor, b: int) -> list[torch.Tensor]:
     return [x[i:i + b] for i in range(0, n, b)]
 
 
+def _pass(fn, chunks: list[torch.Tensor]):
+    """One unit of work for the harness: ``fn`` over every chunk (the same real samples for all)."""
+    def run():
+        for c in chunks:
+            fn(c)
+    return run
+
+
+def _check_cascade(t: Timings, p_h: float, b: int) -> list[str]:
+    """The two physical bounds of a cascade's time: it runs the light expert on every input, so it
+    cannot beat the light expert; its escalated share runs the heavy expert, so it cannot beat the
+    heavy expert by more than ``1 / p_h``. The messages of the bounds broken (empty: plausible)."""
+    checks = [("light", 1.0, f"batch {b}: the routed cascade runs the light expert on every input, so it "
+                             "cannot be faster than the light expert alone")]
+    if p_h > 0:
+        checks.append(("heavy", 1.0 / p_h, f"batch {b}: the routed cascade sends {p_h:.0%} of inputs to the "
+                                            "heavy expert, so it cannot beat the heavy expert by more than 1/p_h"))
+    out = []
+    for base, ratio, what in checks:
+        try:
+            check_plausible(t, base=base, other="routed", work_ratio=ratio, what=what)
+        except ImplausibleTiming as e:
+            out.append(str(e))
+    return out
+
+
+def _usage(cascade, chunks: list[torch.Tensor]) -> float:
+    if hasattr(cascade.router, "reset"):
+        cascade.router.reset()
+    n = sum(len(c) for c in chunks)
+    usage = sum(cascade.route(c).heavy_usage * len(c) for c in chunks) / n
+    if hasattr(cascade.router, "reset"):
+        cascade.router.reset()
+    return usage
+
+
+def _timing_info(t: Timings) -> dict:
+    return {"rounds": t.rounds, "device": t.device, "backend": t.backend, "threads": t.threads,
+            "load_before": t.load_before, "load_after": t.load_after,
+            "seconds_per_pass": dict(t.median), "q25": dict(t.q25), "q75": dict(t.q75)}
+
+
 @torch.inference_mode()
 def measure_speed(cascade, x: torch.Tensor, *, batch_sizes: Sequence[int] = (64, 256), latency_samples: int = 100,
-                  rounds: int = 5, warmup: int = 2) -> dict:
-    """Latency (batch 1) and throughput (each batch size) of heavy-only, light-only and routed.
+                  rounds: int = 5, warmup: int = 1, min_round_s: float = 0.0) -> dict:
+    """Latency (batch 1) and throughput (each batch size) of heavy-only, light-only and routed,
+    **measured together**: one :func:`flowprune.timing.time_callables` call per batch size times
+    the three interleaved (rotated order, medians over ``rounds``) on the same real samples.
 
     Args:
         cascade: a :class:`~flowprune.route.cascade.Cascade` or early-exit cascade (its threshold is used).
         x: real inputs ``(N, *input_shape)`` (the test split); throughput uses its first
-            ``floor(N / b) * b`` samples in batches of ``b``; latency the first ``latency_samples``.
-        rounds: interleaved timing rounds (heavy, light, routed in turn); medians over rounds.
+            ``floor(N / b) * b`` samples in batches of ``b``; latency the first ``latency_samples``
+            one at a time (so ``latency_ms_b1`` is the mean over real samples of a bimodal
+            routed cost: light only, or light + heavy).
 
     Returns:
-        ``{"heavy": {...}, "light": {...}, "routed": {...}, "speedup_b256": ...}`` where each
-        entry has ``latency_ms_b1`` (median), ``latency_ms_b1_mean`` and ``throughput_bB``
-        (samples/s), and ``"routed"`` also ``heavy_usage`` on the timed samples.
+        ``{"heavy": {...}, "light": {...}, "routed": {...}, "routed_speedup_bB": ...,
+        "timing": {...}, "refused": [...]}`` where each entry has ``latency_ms_b1`` and
+        ``throughput_bB`` (samples/s), ``"routed"`` also ``heavy_usage`` on the timed samples.
+        A routed figure that breaks a physical bound (faster than the light expert, or than
+        ``1 / heavy_usage`` times the heavy expert, beyond the noise band) is re-measured once
+        with twice the rounds; if it still does it is None and the reason is in ``refused``.
     """
     light, heavy = cascade.light.eval(), cascade.heavy.eval()
     cascade.eval()
     x = x.to(cascade.input_device())
     fns = {"heavy": heavy, "light": light, "routed": lambda z: cascade.route(z)}
     res: dict = {k: {} for k in fns}
-    lat_x = x[:latency_samples]
-    for fn in fns.values():  # warm-up
-        for _ in range(warmup):
-            fn(lat_x[:1])
-            fn(x[: max(batch_sizes)])
-    lat: dict[str, list[float]] = {k: [] for k in fns}
-    thr: dict[str, dict[int, list[float]]] = {k: {b: [] for b in batch_sizes} for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            per = [_timed(fn, lat_x[i:i + 1]) for i in range(len(lat_x))]
-            lat[k].append(per)
-            for b in batch_sizes:
-                chunks = _chunks(x, b)
-                total = sum(_timed(fn, c) for c in chunks)
-                thr[k][b].append(sum(len(c) for c in chunks) / total)
-    for k in fns:
-        flat = [t for per in lat[k] for t in per]
-        res[k]["latency_ms_b1"] = 1e3 * statistics.median(flat)
-        res[k]["latency_ms_b1_mean"] = 1e3 * statistics.fmean(flat)
-        for b in batch_sizes:
-            res[k][f"throughput_b{b}"] = statistics.median(thr[k][b])
-    if hasattr(cascade.router, "reset"):
-        cascade.router.reset()
-    b_max = max(batch_sizes)
-    usage = [cascade.route(c).heavy_usage for c in _chunks(x, b_max)]
-    res["routed"]["heavy_usage"] = statistics.fmean(usage)
+    res.update(timing={}, refused=[])
+    for b in (1, *batch_sizes):
+        chunks = _chunks(x[:latency_samples], 1) if b == 1 else _chunks(x, b)
+        n = sum(len(c) for c in chunks)
+        p_h = _usage(cascade, chunks)
+        for attempt in range(2):
+            t = time_callables({k: _pass(fn, chunks) for k, fn in fns.items()}, device=x.device,
+                               rounds=rounds * (attempt + 1), warmup=warmup, min_round_s=min_round_s,
+                               backend="eager")
+            refused = _check_cascade(t, p_h, b)
+            if not refused:
+                break
+        key = "latency_ms_b1" if b == 1 else f"throughput_b{b}"
+        for k in fns:
+            res[k][key] = 1e3 * t.median[k] / n if b == 1 else n / t.median[k]
+        if refused:
+            res["routed"][key] = None
+            res["refused"] += refused
+        res["timing"][f"b{b}"] = {**_timing_info(t), "samples": n, "heavy_usage": p_h}
+    res["routed"]["heavy_usage"] = res["timing"][f"b{max(batch_sizes)}"]["heavy_usage"]
     for b in batch_sizes:
-        res[f"routed_speedup_b{b}"] = res["routed"][f"throughput_b{b}"] / res["heavy"][f"throughput_b{b}"]
+        r = res["routed"][f"throughput_b{b}"]
+        res[f"routed_speedup_b{b}"] = None if r is None else r / res["heavy"][f"throughput_b{b}"]
     res["rounds"] = rounds
     return res
 
 
 @torch.inference_mode()
-def profile_overhead(cascade, x: torch.Tensor, *, repeats: int = 20) -> dict:
-    """Time the parts of one routed forward on batch ``x`` (medians over ``repeats``, seconds).
+def profile_overhead(cascade, x: torch.Tensor, *, repeats: int = 7) -> dict:
+    """Time the parts of one routed forward on batch ``x`` (medians over ``repeats`` interleaved
+    rounds of :func:`flowprune.timing.time_callables`, seconds).
 
     Parts: ``light_plain`` (the light expert's own forward), ``light_part`` (the light pass as
     the cascade runs it, with the feature hook when the router needs features), ``router``
     (scores), ``gather`` (mask + nonzero + index_select), ``heavy_sub`` (heavy on the sub-batch),
-    ``scatter`` (index_copy_). ``overhead_frac`` = (router + gather + scatter + hook) /
-    light_plain, the routing overhead relative to the light expert's time, where ``hook`` =
-    light_part - light_plain when the router needs features (l1, learned) and 0 otherwise.
+    ``scatter`` (index_copy_). Each part runs on the outputs of the one before, computed once.
+    ``overhead_frac`` = (router + gather + scatter + hook) / light_plain, the routing overhead
+    relative to the light expert's time, where ``hook`` = light_part - light_plain when the router
+    needs features (l1, learned) and 0 otherwise.
     """
     cascade.eval()
     light = cascade.light.eval()
     x = x.to(cascade.input_device())
-
-    def clock() -> float:  # the device's queued work is finished before the clock is read
-        synchronize(x.device)
-        return time.perf_counter()
-
-    t: dict[str, list[float]] = {k: [] for k in ("light_plain", "light_part", "router", "gather", "heavy_sub",
-                                                 "scatter")}
     thr = cascade.threshold
-    for r in range(repeats + 2):
-        t0 = clock()
-        light(x)
-        t1 = clock()
-        logits, feats, carry = cascade.light_part(x)
-        t2 = clock()
-        score = cascade.router(logits, feats)
-        t3 = clock()
-        idx = (score > thr).nonzero().squeeze(1)
-        sub = carry.index_select(0, idx)
-        t4 = clock()
-        h = cascade.heavy_part(sub) if idx.numel() else None
-        t5 = clock()
-        if h is not None:
-            logits.index_copy_(0, idx, h.to(logits.dtype))
-        t6 = clock()
-        if r >= 2:
-            for k, v in zip(t, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
-                t[k].append(v)
-    med = {k: statistics.median(v) for k, v in t.items()}
+    logits, feats, carry = cascade.light_part(x)
+    score = cascade.router(logits, feats)
+    idx = (score > thr).nonzero().squeeze(1)
+    sub = carry.index_select(0, idx)
+    h = cascade.heavy_part(sub) if idx.numel() else None
+    out = logits.clone() if h is None else logits.clone().to(h.dtype)
+    parts = {"light_plain": lambda: light(x), "light_part": lambda: cascade.light_part(x),
+             "router": lambda: cascade.router(logits, feats),
+             "gather": lambda: carry.index_select(0, (score > thr).nonzero().squeeze(1)),
+             "heavy_sub": (lambda: cascade.heavy_part(sub)) if idx.numel() else (lambda: None),
+             "scatter": (lambda: out.index_copy_(0, idx, h)) if h is not None else (lambda: None)}
+    timed = time_callables(parts, device=x.device, rounds=repeats, warmup=1, min_round_s=0.01)
+    med: dict = dict(timed.median)
     # the feature hook only exists when the router needs features; otherwise the difference is timing noise
     hook = max(0.0, med["light_part"] - med["light_plain"]) if cascade.router.needs_features else 0.0
     med["hook"] = hook
@@ -182,3 +206,18 @@ def profile_overhead(cascade, x: torch.Tensor, *, repeats: int = 20) -> dict:
         cascade.router.reset()
     return med
 
+
+
+def routed_speed_summary(sp: dict, costs: dict) -> dict:
+    """The flat speed figures of a routed result (what every command reports with a model): the
+    routed cascade's measured speed-up over the heavy expert at batch 1 (latency) and at each
+    throughput batch, next to its MACs reduction ``1 / C_cascade``; None where refused."""
+    lat_h, lat_r = sp["heavy"]["latency_ms_b1"], sp["routed"]["latency_ms_b1"]
+    out = {"speedup_b1": None if lat_r is None else lat_h / lat_r,
+           "macs_reduction": 1.0 / costs["C_cascade"] if costs.get("C_cascade") else None}
+    for k, v in sp.items():
+        if k.startswith("routed_speedup_b"):
+            out[f"speedup_b{k.rpartition('_b')[2]}"] = v
+    b1 = sp["timing"]["b1"]
+    out["speed_backend"] = f"{b1['backend']} on {b1['device']}"
+    return out
