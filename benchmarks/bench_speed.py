@@ -199,6 +199,7 @@ def markdown(results: dict) -> str:
 
     head = [f"# Speed per MACs cut: latency target vs MACs target vs Torch-Pruning ({results['device_name']})", "",
             f"Command: `{results['command']}`", "",
+            *([results["note"], ""] if results.get("note") else []),
             f"torch {results['torch']}, torchvision {results['torchvision']}, Torch-Pruning {results['torch_pruning']}, "
             f"{results['threads']} thread(s), eager; load before {results['load_before']}, after "
             f"{results.get('load_after')}; {results.get('seconds', 0):.0f}s.", "",

@@ -75,12 +75,38 @@ def _stages(device: str, epochs: int, amp: str) -> dict:
     return out
 
 
+def markdown(payload: dict) -> str:
+    """The tables of one run (stage seconds per device, accuracies, speed), from its JSON payload."""
+    devs, results = payload["devices"], payload["results"]
+    names = list(next(iter(results.values()))["seconds"])
+    lines = [f"# gpu_check: the whole flow per device ({', '.join(results[d]['device_name'] for d in devs)})", "",
+             f"Command: `{payload['command']}` (torch {payload['torch']}, amp {payload['amp']}, "
+             f"{payload['epochs']} dense epochs)", ""]
+    head = "| stage | " + " | ".join(f"{d} s" for d in devs) + (" | ratio |" if len(devs) == 2 else " |")
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    for n in names:
+        cells = [results[d]["seconds"][n] for d in devs]
+        ratio = f" {cells[1] / max(cells[0], 1e-9):.2f}x |" if len(devs) == 2 else ""
+        lines.append(f"| {n} | " + " | ".join(f"{c:.1f}" for c in cells) + " |" + ratio)
+    lines += ["", "| accuracy % | " + " | ".join(devs) + " |", "|---|" + "---|" * len(devs)]
+    for k in results[devs[0]]["accuracy"]:
+        lines.append(f"| {k} | " + " | ".join(f"{100 * results[d]['accuracy'][k]:.2f}" for d in devs) + " |")
+    lines += ["", "| speed | " + " | ".join(devs) + " |", "|---|" + "---|" * len(devs)]
+    for m in ("dense", "pruned"):
+        lines.append(f"| {m} latency b1 ms | "
+                     + " | ".join(f"{results[d]['speed'][m]['latency_ms_b1']:.2f}" for d in devs) + " |")
+        lines.append(f"| {m} throughput b256 /s | "
+                     + " | ".join(f"{results[d]['speed'][m]['throughput_b256']:.0f}" for d in devs) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--devices", default="cuda,cpu", help="comma-separated, run in this order (default cuda,cpu)")
     p.add_argument("--epochs", type=int, default=3, help="training epochs of the dense models (default 3)")
     p.add_argument("--amp", default="none", help="none, bf16 or fp16 (fp16 on CUDA only)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", default=None, help="write PREFIX.json and PREFIX.md (the tables, from the JSON)")
     args = p.parse_args(argv)
     import torch
 
@@ -107,22 +133,18 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         results[d] = _stages(d, args.epochs, amp)
         print(f"gpu_check: {d} done in {time.perf_counter() - t0:.1f} s ({results[d]['device_name']})", flush=True)
-    names = list(next(iter(results.values()))["seconds"])
-    head = "| stage | " + " | ".join(f"{d} s" for d in devs) + (" | ratio |" if len(devs) == 2 else " |")
-    print("\n" + head + "\n|" + "---|" * (head.count("|") - 1))
-    for n in names:
-        cells = [results[d]["seconds"][n] for d in devs]
-        ratio = f" {cells[1] / max(cells[0], 1e-9):.2f}x |" if len(devs) == 2 else ""
-        print(f"| {n} | " + " | ".join(f"{c:.1f}" for c in cells) + " |" + ratio)
-    print("\n| accuracy % | " + " | ".join(devs) + " |\n|---|" + "---|" * len(devs))
-    for k in results[devs[0]]["accuracy"]:
-        print(f"| {k} | " + " | ".join(f"{100 * results[d]['accuracy'][k]:.2f}" for d in devs) + " |")
-    print("\n| speed | " + " | ".join(devs) + " |\n|---|" + "---|" * len(devs))
-    for m in ("dense", "pruned"):
-        print(f"| {m} latency b1 ms | " + " | ".join(f"{results[d]['speed'][m]['latency_ms_b1']:.2f}" for d in devs)
-              + " |")
-        print(f"| {m} throughput b256 /s | "
-              + " | ".join(f"{results[d]['speed'][m]['throughput_b256']:.0f}" for d in devs) + " |")
+    payload = {"command": "python -m benchmarks.gpu_check " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "devices": devs, "torch": torch.__version__, "amp": args.amp, "epochs": args.epochs,
+               "results": results}
+    text = markdown(payload)
+    print("\n" + text)
+    if args.out:
+        from pathlib import Path
+
+        from flowprune.report import write_results
+
+        write_results(Path(args.out + ".json"), payload)
+        Path(args.out + ".md").write_text(text)
     bad = []
     if len(devs) == 2:
         for k, v in results[devs[0]]["accuracy"].items():
