@@ -42,6 +42,7 @@ from flowprune.scores import Score, get_score, list_scores, register_score  # no
 from flowprune.step import plan_and_cut  # noqa: E402
 from flowprune.train import TrainConfig, fit  # noqa: E402
 from flowprune.units import find_units  # noqa: E402
+from flowprune import hf  # noqa: E402,F401  (registers the Hugging Face unit provider; transformers stays lazy)
 
 hyperflows = hyperflows_prune  # the name the docs teach
 

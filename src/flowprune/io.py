@@ -155,6 +155,12 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict | None = N
     """
     from safetensors.torch import save_file
 
+    from flowprune.hf.adapter import is_hf_model, unwrap
+
+    if is_hf_model(unwrap(model)):  # save_pretrained files plus the width record (flowprune.hf.io)
+        from flowprune.hf import io as hf_io
+
+        return hf_io.save(model, path, metadata=metadata)
     base = base or getattr(model, "flowprune_base", None)
     if base is None:
         raise FlowpruneError("the model has no flowprune_base: build it with flowprune.build_model(...) "
@@ -578,6 +584,10 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.M
         FlowpruneError: whatever is wrong with the directory (missing, corrupt, truncated or
             edited files, a recipe asking for something not allowed).
     """
+    from flowprune.hf import io as hf_io
+
+    if hf_io.is_saved_hf(path):  # a Hugging Face model (flowprune.hf.io)
+        return hf_io.load(path, device=device)
     d = _resolve(path)
     recipe = read_recipe(d)
     validate_recipe(recipe, d / RECIPE_FILE)

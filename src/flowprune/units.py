@@ -783,10 +783,15 @@ def _remap(members: list[Member], class_of: torch.Tensor) -> list[Member]:
 def analyse(model: nn.Module, example_inputs: torch.Tensor, *, kinds: Sequence[str] = KINDS,
             ignored_layers: Sequence[nn.Module | str] | None = None, validate: bool = True):
     """:func:`find_units` plus the DependencyGraph it used: ``(units, dg)``."""
+    from flowprune.unit_providers import units_from_provider
+
     kinds = _check_analyse_args(model, kinds)
     named = dict(model.named_modules())
     mod2name = {m: n for n, m in named.items()}
     ignored = _ignored_names(ignored_layers, named, mod2name)
+    provided = units_from_provider(model, kinds, ignored)  # a family found by layout (no graph)
+    if provided is not None:
+        return provided, None
     excluded = _classifier_names(model) | _embedding_names(model)
     reasons = unsupported_reasons(model)
     attn_names = {n for n, m in named.items() if is_attention(m)}

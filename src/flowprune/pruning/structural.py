@@ -169,6 +169,17 @@ def _check_data(data, model) -> None:
                              "(x, y) calibration batches")
 
 
+def _example_input(data, shape: tuple) -> torch.Tensor:
+    """One input: a random float batch of ``shape``, or the data's first sample for integer inputs
+    (token ids, which a random float tensor cannot stand for)."""
+    from flowprune.data import DataSplits
+
+    x = data.train.tensors[0] if isinstance(data, DataSplits) else data[0][0]
+    if x.is_floating_point():
+        return torch.randn(1, *shape)
+    return x[:1].clone()
+
+
 def _eval_loader(data):
     from flowprune.data import DataSplits, make_loader
 
@@ -226,7 +237,9 @@ def prune(model: nn.Module, data, config: PruneConfig | dict | str | None = None
     cfg = PruneConfig.resolve(config, overrides)
     if not isinstance(model, nn.Module):
         raise FlowpruneError(f"model must be a torch nn.Module, got {type(model).__name__}")
-    run = _PruneRun(model, data, cfg, device=device, amp=amp, checkpoint_dir=checkpoint_dir, progress=progress)
+    from flowprune.hf.adapter import as_tensor_model
+
+    run = _PruneRun(as_tensor_model(model), data, cfg, device=device, amp=amp, checkpoint_dir=checkpoint_dir, progress=progress)
     return run.execute(on_step=on_step)
 
 
@@ -261,7 +274,7 @@ class _PruneRun:
             raise FlowpruneError("checkpoint_dir needs a model built by flowprune.build_model (it carries flowprune_base)")
         self.base = getattr(model, "flowprune_base", None)
         self.shape = tuple(data.input_shape) if self.is_splits else tuple(data[0][0].shape[1:])
-        self.example = torch.randn(1, *self.shape).to(self.dev)
+        self.example = _example_input(data, self.shape).to(self.dev)
         self.work = copy.deepcopy(model).to(self.dev)
         self._check_units()
         self.eval_loader = _eval_loader(data) if cfg.measure else None
@@ -286,7 +299,7 @@ class _PruneRun:
             check_reachable(MacsModel(self.work, self.units0, self.example), self.units0, cfg.target_macs,
                             cfg.min_width, cfg.round_to)
         self.sizes0 = {u.name: u.size for u in self.units0}
-        self.dense_macs, self.dense_params = count_macs_params(self.work, self.shape)
+        self.dense_macs, self.dense_params = count_macs_params(self.work, example_inputs=self.example)
         self.targets = (macs_schedule(cfg.target_macs, cfg.steps, cfg.schedule) if cfg.target_macs is not None
                         else ratio_schedule(cfg.ratio, cfg.steps, cfg.schedule))
 
@@ -321,9 +334,11 @@ class _PruneRun:
                 bar.update(1)
         if bar is not None:
             bar.close()
-        macs, params = count_macs_params(self.work, self.shape)
+        macs, params = count_macs_params(self.work, example_inputs=self.example)
         final_widths = history[-1]["widths"] if history else self.sizes0
-        return PruneResult(model=self.work, history=history, widths=dict(final_widths), macs=macs, params=params,
+        from flowprune.hf.adapter import unwrap
+
+        return PruneResult(model=unwrap(self.work), history=history, widths=dict(final_widths), macs=macs, params=params,
                            dense_macs=self.dense_macs, dense_params=self.dense_params, method=self.cfg.method,
                            config=self.cfg.record(), unsupported=list(self.units0.unsupported))
 
@@ -386,7 +401,7 @@ class _PruneRun:
         from flowprune.train import reestimate_bn as bn_reestimate
 
         cfg, work = self.cfg, self.work
-        macs, params = count_macs_params(work, self.shape)
+        macs, params = count_macs_params(work, example_inputs=self.example)
         rec.update(macs=macs, params=params, reduction=self.dense_macs / max(macs, 1), widths=widths_now)
         if self.eval_loader is not None:
             rec["acc_cut"] = accuracy(work, self.eval_loader)

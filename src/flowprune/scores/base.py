@@ -104,6 +104,9 @@ class Score:
     def __call__(self, model: nn.Module, units, batches: Batches | None = None) -> dict[str, torch.Tensor]:
         if self.needs_data and not batches:
             raise FlowpruneError(f"score {self.name!r} needs calibration batches [(x, y), ...]; got none")
+        from flowprune.hf.adapter import as_tensor_model
+
+        model = as_tensor_model(model)  # a Hugging Face model: x in, logits out (same module names)
         if self.needs_labels and batches:
             check_labels(model, batches)
         from flowprune import distributed
@@ -250,6 +253,9 @@ def unit_generator(seed: int, name: str) -> torch.Generator:
 
 
 def cross_entropy_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if logits.dim() > 2 and y.dim() == logits.dim() - 1 and y.shape == logits.shape[:-1] and not y.is_floating_point():
+        # token labels (a language model's next tokens, (B, T)) for token logits (B, T, V): every token counts
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
     if logits.dim() > 2:  # e.g. token outputs: average over the extra dims
         logits = logits.flatten(2).mean(2)
     return torch.nn.functional.cross_entropy(logits, y, reduction="sum")
