@@ -10,7 +10,10 @@ Every procedure is called the same way, ``procedure(model, data, config=None, **
 
 from __future__ import annotations
 
-from flowprune import export  # noqa: E402  (a callable module: fp.export(model, path), fp.export.OnnxCascade)
+from flowprune import (
+    export,  # noqa: E402  (a callable module: fp.export(model, path), fp.export.OnnxCascade)
+    hf,  # noqa: E402,F401  (registers the Hugging Face unit provider; transformers stays lazy)
+)
 from flowprune._version import __version__
 from flowprune.api import train_model  # noqa: E402
 from flowprune.compare import CompareConfig, CompareResult, compare  # noqa: E402
@@ -42,7 +45,6 @@ from flowprune.scores import Score, get_score, list_scores, register_score  # no
 from flowprune.step import plan_and_cut  # noqa: E402
 from flowprune.train import TrainConfig, fit  # noqa: E402
 from flowprune.units import find_units  # noqa: E402
-from flowprune import hf  # noqa: E402,F401  (registers the Hugging Face unit provider; transformers stays lazy)
 
 hyperflows = hyperflows_prune  # the name the docs teach
 
