@@ -13,6 +13,7 @@ from __future__ import annotations
 from flowprune import (
     export,  # noqa: E402  (a callable module: fp.export(model, path), fp.export.OnnxCascade)
     hf,  # noqa: E402,F401  (registers the Hugging Face unit provider; transformers stays lazy)
+    mha,  # noqa: E402,F401  (registers the nn.MultiheadAttention head units)
 )
 from flowprune._version import __version__
 from flowprune.api import train_model  # noqa: E402

@@ -510,6 +510,7 @@ def rebuild(recipe: dict, shapes: dict[str, tuple[int, ...]], *, where: str | os
         m = present.get(name)
         if m is None:
             continue
+        _upgrade_class(m, info["class"])
         for a, v in info.get("attrs", {}).items():
             if a not in m.__dict__:
                 continue
@@ -546,6 +547,14 @@ def rebuild(recipe: dict, shapes: dict[str, tuple[int, ...]], *, where: str | os
                                          f"the model's has {len(old.shape)} {tuple(old.shape)}")
                 m._buffers[leaf] = torch.empty(shape, dtype=old.dtype)
     return model
+
+
+def _upgrade_class(m: nn.Module, saved: str) -> None:
+    """A module a cut turned into a flowprune subclass gets that class back (only these known pairs)."""
+    if saved == "PrunedMultiheadAttention" and type(m) is nn.MultiheadAttention:
+        from flowprune.mha import PrunedMultiheadAttention
+
+        PrunedMultiheadAttention.adopt(m)
 
 
 def _check_shapes(model: nn.Module, where: str) -> None:

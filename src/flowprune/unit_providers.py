@@ -10,6 +10,10 @@ the caller never needs a dependency graph for it.
 
 Providers register with :func:`register_unit_provider`; :func:`units_from_provider` asks each
 in registration order and returns the first answer.
+
+An *extra unit finder* adds units of one module type to those found on the graph (the heads of
+``nn.MultiheadAttention``, :mod:`flowprune.mha`): ``finder(named, kinds, ignored, excluded) ->
+list of units`` (each with ``apply_cut``), registered with :func:`register_extra_units`.
 """
 
 from __future__ import annotations
@@ -35,3 +39,18 @@ def units_from_provider(model: nn.Module, kinds: Sequence[str], ignored: set[str
         if found is not None:
             return found
     return None
+
+
+_EXTRA: list[Callable] = []
+
+
+def register_extra_units(finder: Callable) -> Callable:
+    """Add an extra unit finder (see the module docstring); returns it."""
+    if finder not in _EXTRA:
+        _EXTRA.append(finder)
+    return finder
+
+
+def extra_units(named: dict[str, nn.Module], kinds: Sequence[str], ignored: set[str], excluded: set[str]) -> list:
+    """The units every registered extra finder adds."""
+    return [u for finder in _EXTRA for u in finder(named, tuple(kinds), ignored, excluded)]

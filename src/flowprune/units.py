@@ -51,8 +51,8 @@ _EMBED_PARAM_NAMES = ("cls_token", "pos_embed", "dist_token", "reg_token", "mask
                       "pos_embedding", "absolute_pos_embed", "pos_embed_window")
 # Why a supported-looking module type is still left intact.
 _UNSUPPORTED_TYPE_REASONS = {
-    nn.MultiheadAttention: "nn.MultiheadAttention: PyTorch requires num_heads * head_dim == embed_dim, so its heads "
-                           "cannot be cut in place; its embed dim is the (excluded) residual stream",
+    nn.MultiheadAttention: "nn.MultiheadAttention: its embed dim (the residual stream) is left intact; its heads are "
+                           "cut unless kdim/vdim differ, add_bias_kv or add_zero_attn (see flowprune.mha)",
 }
 
 
@@ -783,7 +783,7 @@ def _remap(members: list[Member], class_of: torch.Tensor) -> list[Member]:
 def analyse(model: nn.Module, example_inputs: torch.Tensor, *, kinds: Sequence[str] = KINDS,
             ignored_layers: Sequence[nn.Module | str] | None = None, validate: bool = True):
     """:func:`find_units` plus the DependencyGraph it used: ``(units, dg)``."""
-    from flowprune.unit_providers import units_from_provider
+    from flowprune.unit_providers import extra_units, units_from_provider
 
     kinds = _check_analyse_args(model, kinds)
     named = dict(model.named_modules())
@@ -809,6 +809,7 @@ def analyse(model: nn.Module, example_inputs: torch.Tensor, *, kinds: Sequence[s
         scan.add_units(units, kinds)
     if "head" in kinds:
         _add_head_units(units, named, order, attn_names, ignored, excluded)
+        units.extend(extra_units(named, kinds, ignored, excluded))  # e.g. nn.MultiheadAttention heads
     units.sort(key=lambda u: order[u.name])
     if validate and _has_splits(dg):
         units = _without_trial_failures(model, example_inputs, units, kinds, ignored_layers)

@@ -21,6 +21,7 @@ from flowprune.scores.base import (
     device_of,
     grouped_input_index,
     input_channel_sq,
+    linear_weight,
     modules_of,
     register_score,
 )
@@ -83,7 +84,7 @@ class _ActivationScore(Score):
             for m in u.producers:
                 if m.module_name not in cache:
                     mod = mods[m.module_name]
-                    w = mod.weight.detach().double().cpu()
+                    w = linear_weight(mod).detach().double().cpu()
                     if m.module_name not in norms:
                         raise FlowpruneError(f"layer {m.module_name} saw no input in the calibration batches")
                     cache[m.module_name] = self.per_weight(mod, w, norms[m.module_name]).flatten(1).sum(1)

@@ -114,7 +114,9 @@ class Score:
         units, batches = list(units), list(batches or [])
         mode = self.shard_mode() if distributed.active() else "replicate"
         mine = distributed.shard(batches) if mode != "replicate" else batches
-        with preserved(model), safe_conv_backward(model):
+        from flowprune.mha import pruned_forward
+
+        with preserved(model), safe_conv_backward(model), pruned_forward(model):  # MHA out_proj called as a module
             out = self.compute(model, units, mine)
         out = {u.name: out[u.name].detach().cpu().reshape(u.size) for u in units}
         if distributed.active():
@@ -230,6 +232,22 @@ def input_channel_sq(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     if isinstance(module, nn.modules.conv._ConvNd):
         return (x ** 2).transpose(0, 1).reshape(x.shape[1], -1).sum(1)
     return (x ** 2).reshape(-1, x.shape[-1]).sum(0)
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """A layer's weight with output rows first: ``weight`` of a Linear / conv, the transpose of
+    transformers' ``Conv1D`` (stored ``(in, out)``), the packed ``in_proj_weight`` of an
+    ``nn.MultiheadAttention`` (its q, k, v rows)."""
+    if isinstance(module, nn.MultiheadAttention):
+        return module.in_proj_weight
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return module.weight.t()
+    return module.weight
+
+
+def linear_weight_like(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """``t`` (shaped like ``module.weight``) with output rows first, as :func:`linear_weight` reads it."""
+    return t.t() if type(module).__name__ == "Conv1D" and hasattr(module, "nf") else t
 
 
 def weight_rows(w: torch.Tensor, idxs: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,14 @@ import torch
 from torch import nn
 
 from flowprune.errors import bad_choice
-from flowprune.scores.base import Score, modules_of, register_score, unit_generator, weight_rows
+from flowprune.scores.base import (
+    Score,
+    linear_weight,
+    modules_of,
+    register_score,
+    unit_generator,
+    weight_rows,
+)
 
 BN_MODES = ("fold", "ignore")
 GROUP_MODES = ("producers", "all")
@@ -89,7 +96,7 @@ def group_norm(model: nn.Module, unit, p: int, bn: str = "fold", group: str = "p
     factors = bn_fold_factors(model, unit) if bn == "fold" else {}
     acc = torch.zeros(unit.size, dtype=torch.float64)
     for m in unit.producers:
-        rows = weight_rows(mods[m.module_name].weight, m.idxs).double().cpu()
+        rows = weight_rows(linear_weight(mods[m.module_name]), m.idxs).double().cpu()
         f = factors.get(m.module_name)
         if f is not None:
             rows = rows * f[:, None]
@@ -99,7 +106,7 @@ def group_norm(model: nn.Module, unit, p: int, bn: str = "fold", group: str = "p
             mod = mods[m.module_name]
             if m.module_name in {q.module_name for q in unit.producers}:
                 continue  # a depthwise conv is both: counted once, as a producer
-            cols = consumer_columns(mod.weight, m.idxs, mod).double().cpu()
+            cols = consumer_columns(linear_weight(mod), m.idxs, mod).double().cpu()
             acc.index_add_(0, m.root_idxs, cols.abs().sum(1) if p == 1 else (cols ** 2).sum(1))
     return acc if p == 1 else acc.sqrt()
 

@@ -21,6 +21,8 @@ class Taylor(Score):
     needs_labels = True
 
     def compute(self, model, units, batches):
+        from flowprune.scores.base import linear_weight_like
+
         mods = modules_of(model)
         dev = device_of(model)
         model.eval()
@@ -28,7 +30,8 @@ class Taylor(Score):
         for u in units:
             for m in u.producers + u.norms:
                 mod = mods[m.module_name]
-                for pname in ("weight", "bias"):
+                names = ("in_proj_weight", "in_proj_bias") if isinstance(mod, nn.MultiheadAttention) else ("weight", "bias")
+                for pname in names:
                     p = getattr(mod, pname, None)
                     if isinstance(p, nn.Parameter):
                         entries.append((u, m, p))
@@ -46,7 +49,10 @@ class Taylor(Score):
                     g = grads[id(p)]
                     if g is None:
                         continue
-                    gw = (g.detach() * p.detach()).double().cpu()[m.idxs]
+                    gw = (g.detach() * p.detach()).double().cpu()
+                    if p.dim() == 2 and p is getattr(mods[m.module_name], "weight", None):
+                        gw = linear_weight_like(mods[m.module_name], gw)
+                    gw = gw[m.idxs]
                     per[u.name].index_add_(0, m.root_idxs, gw.flatten(1).sum(1) if gw.dim() > 1 else gw)
                 for k, v in per.items():
                     totals[k] += v ** 2
