@@ -155,13 +155,27 @@ def test_a_dense_save_loads_with_transformers_own_from_pretrained(tmp_path):
 
 
 def test_unsupported_layout_is_named_and_left_intact():
+    falcon = T.FalconForCausalLM(T.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                                num_attention_heads=4)).eval()
+    x = _inputs("tok")
+    units = fp.find_units(falcon, x)
+    assert [u.kind for u in units] == ["neuron"]  # the MLP is cut; Falcon's fused multi-query qkv is not
+    assert "FalconAttention" in units.reasons["transformer.h.0.self_attention"]
+    cut = fp.apply_cuts(falcon, {units[0].name: list(range(64))}, example_inputs=x)
+    assert cut.generate(x[:1], max_new_tokens=2, min_new_tokens=2, do_sample=False).shape == (1, 12)
+
+
+def test_gpt_neox_per_head_fused_qkv_rows():
     neox = T.GPTNeoXForCausalLM(T.GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
                                                 num_attention_heads=4, intermediate_size=48,
                                                 max_position_embeddings=32)).eval()
-    units = fp.find_units(neox, _inputs("tok"))
-    assert [u.kind for u in units] == ["neuron"]  # the MLP is cut; the fused, head-interleaved qkv is not
-    assert "gpt_neox.layers.0.attention" in units.reasons
-    assert "GPTNeoXAttention" in units.reasons["gpt_neox.layers.0.attention"]
+    x = _inputs("tok")
+    cut = fp.apply_cuts(neox, {"gpt_neox.layers.0.attention": [0, 2]}, example_inputs=x)
+    w0 = neox.gpt_neox.layers[0].attention.query_key_value.weight
+    w1 = cut.gpt_neox.layers[0].attention.query_key_value.weight
+    # rows are [q|k|v] per head of 8: heads 1 and 3 keep rows 24..47 and 72..95
+    assert torch.equal(w1, torch.cat([w0[24:48], w0[72:96]]))
+    assert cut.generate(x[:1], max_new_tokens=2, min_new_tokens=2, do_sample=False).shape == (1, 12)
 
 
 def test_projections_that_are_not_whole_heads_are_one_clear_error():

@@ -25,8 +25,15 @@ from torch import nn
 
 from flowprune.device import model_device
 from flowprune.errors import FlowpruneError
-from flowprune.measure import runs_on as _runs
+from flowprune.measure import runs_on
 from flowprune.tp_ext import dedupe_group as _dedupe_group
+
+
+def _runs(model: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``model`` runs on ``x`` (a Hugging Face model through its input adapter)."""
+    from flowprune.hf.adapter import as_tensor_model
+
+    return runs_on(as_tensor_model(model), x)
 
 
 def _example(model: nn.Module, example_inputs: torch.Tensor | None) -> torch.Tensor:

@@ -9,9 +9,9 @@ names of the projections (read from the families' ``modeling_*.py``):
 * attention: ``q_proj/k_proj/v_proj`` + ``o_proj|out_proj|dense`` (Llama, Mistral, Qwen, Gemma,
   Phi, OPT, BART, Whisper, CLIP, ViT, DeiT...), ``self.query/key/value`` + ``output.dense``
   (BERT, RoBERTa), ``q_lin/k_lin/v_lin`` + ``out_lin`` (DistilBERT), ``c_attn`` (fused, GPT-2's
-  ``Conv1D``) + ``c_proj``;
-* MLP: ``gate_proj, up_proj -> down_proj``, ``fc1 -> fc2``, ``c_fc -> c_proj``,
-  ``intermediate.dense -> output.dense``, ``dense_h_to_4h -> dense_4h_to_h``, ``lin1 -> lin2``,
+  ``Conv1D``) + ``c_proj``, ``query_key_value`` (fused per head, GPT-NeoX) + ``dense``;
+* MLP: ``gate_proj, up_proj -> down_proj`` (or fused ``gate_up_proj``, Phi-3), ``fc1 -> fc2``, ``c_fc -> c_proj``,
+  ``intermediate.dense -> output.dense``, ``dense_h_to_4h -> dense_4h_to_h``, ``lin1 -> lin2``, ``fc_in -> fc_out``,
   ``wi(_0, _1) -> wo``.
 
 With grouped-query attention one unit is a whole key/value group plus the query heads that
@@ -33,6 +33,7 @@ from torch import nn
 
 from flowprune.errors import FlowpruneError
 from flowprune.hf.adapter import TensorIO, is_hf_model
+from flowprune.mha import mha_head_units
 from flowprune.unit_providers import register_unit_provider
 from flowprune.units import Member, PrunableUnit, UnitList
 
@@ -42,7 +43,7 @@ _V = ("v_proj", "value", "v_lin", "v")
 _O = ("o_proj", "out_proj", "out_lin", "dense", "o")
 _MLPS = ((("gate_proj", "up_proj"), "down_proj"), (("fc1",), "fc2"), (("c_fc",), "c_proj"),
          (("intermediate.dense",), "output.dense"), (("dense_h_to_4h",), "dense_4h_to_h"), (("lin1",), "lin2"),
-         (("wi_0", "wi_1"), "wo"), (("wi",), "wo"))
+         (("wi_0", "wi_1"), "wo"), (("wi",), "wo"), (("fc_in",), "fc_out"))
 # attributes of an attention module that count query heads / key-value heads / query width
 _Q_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 _KV_ATTRS = ("num_key_value_heads", "num_kv_heads")
@@ -157,6 +158,7 @@ class _Attn:
     attrs: nn.Module
     qkv: list[str]  # q, k, v projections (one name for a fused q|k|v projection)
     o: str
+    interleaved: bool = False  # a fused projection laid out per head as [q_h | k_h | v_h] (GPT-NeoX)
 
 
 def _attention_at(named: dict, n: str, m: nn.Module) -> _Attn | None:
@@ -171,6 +173,10 @@ def _attention_at(named: dict, n: str, m: nn.Module) -> _Attn | None:
     fused, proj = _child(named, n, ("c_attn",)), _child(named, n, ("c_proj",))
     if fused and proj and out_features(named[fused]) == 3 * in_features(named[proj]):
         return _Attn(n, m, [fused], proj)
+    fused, proj = _child(named, n, ("query_key_value",)), _child(named, n, ("dense",))
+    if fused and proj and type(m).__name__.startswith("GPTNeoX") and \
+            out_features(named[fused]) == 3 * in_features(named[proj]):
+        return _Attn(n, m, [fused], proj, interleaved=True)
     return None
 
 
@@ -192,7 +198,10 @@ def _head_unit(a: _Attn, named: dict, config) -> HFUnit:
     q_idx = torch.arange(q_out)
     q_root = q_idx // (g * hd)
     kv_idx = torch.arange(k_out)
-    if len(a.qkv) == 1:
+    if a.interleaved:  # rows of head j: [3 * j * hd, 3 * (j + 1) * hd)
+        fused = torch.arange(3 * q_out)
+        producers = [Member(a.qkv[0], "out", fused, fused // (3 * hd))]
+    elif len(a.qkv) == 1:
         producers = [Member(a.qkv[0], "out", torch.cat([q_idx + s * q_out for s in range(3)]), q_root.repeat(3))]
     else:
         producers = [Member(a.qkv[0], "out", q_idx, q_root)] + [Member(p, "out", kv_idx, kv_idx // hd)
@@ -203,7 +212,22 @@ def _head_unit(a: _Attn, named: dict, config) -> HFUnit:
                   mods=mods, attrs=a.attrs, group_size=g)
 
 
+def _fused_mlp_unit(named: dict, n: str, m: nn.Module) -> HFUnit | None:
+    """Phi-3's ``gate_up_proj`` (gate rows, then up rows) -> ``down_proj``: neuron i is rows i and i + F."""
+    fused, cons = _child(named, n, ("gate_up_proj",)), _child(named, n, ("down_proj",))
+    if fused is None or cons is None or out_features(named[fused]) != 2 * in_features(named[cons]):
+        return None
+    ar = torch.arange(in_features(named[cons]))
+    return HFUnit(name=fused, kind="neuron", module=named[fused], size=len(ar),
+                  producers=[Member(fused, "out", torch.cat([ar, ar + len(ar)]), ar.repeat(2))],
+                  consumers=[Member(cons, "in", ar, ar)], block=fused.rpartition(".")[0],
+                  mods={fused: named[fused], cons: named[cons]}, attrs=m)
+
+
 def _mlp_unit(named: dict, n: str, m: nn.Module) -> HFUnit | None:
+    fused = _fused_mlp_unit(named, n, m)
+    if fused is not None:
+        return fused
     for ins, out in _MLPS:
         prods = [_child(named, n, (i,)) for i in ins]
         cons = _child(named, n, (out,))
@@ -220,9 +244,22 @@ def _mlp_unit(named: dict, n: str, m: nn.Module) -> HFUnit | None:
 
 
 def _skip_reason(a: _Attn, m: nn.Module) -> str | None:
-    if getattr(m, "has_relative_attention_bias", False):
-        return (f"{type(m).__name__} holds a relative-position bias with one column per head "
-                "(relative_attention_bias); flowprune has no rule to cut it, so its heads are left intact")
+    if hasattr(m, "has_relative_attention_bias"):
+        return (f"{type(m).__name__}: the first layer's relative-position bias (one column per head) is added to "
+                "every layer's scores, so no layer can lose heads alone; its heads are left intact")
+    return None
+
+
+def _per_head_param(a: _Attn, m: nn.Module, u: HFUnit) -> str | None:
+    """A parameter of the attention outside its projections with one entry per head (Swin's relative
+    position table): a head cut would leave it the wrong size, so the heads are left intact."""
+    proj = {id(p) for name in list(u.mods) for p in u.mods[name].parameters()}
+    heads = {u.size, u.size * u.group_size}
+    for k, p in m.named_parameters():
+        if id(p) not in proj and tuple(p.shape) != (u.head_dim,) and heads & set(p.shape):
+            return (f"{type(m).__name__} holds {k!r} of shape {tuple(p.shape)}, with one entry per head outside "
+                    "its projections (e.g. a relative-position table); flowprune has no rule to cut it, so its "
+                    "heads are left intact")
     return None
 
 
@@ -238,17 +275,26 @@ def find_hf_units(model: nn.Module, kinds: Sequence[str], ignored: set[str], con
             if why:
                 reasons[n] = why
             elif "head" in kinds and n not in ignored:
-                units.append(_head_unit(a, named, config))
+                u = _head_unit(a, named, config)
+                why = _per_head_param(a, m, u)
+                if why:
+                    reasons[n] = why
+                else:
+                    units.append(u)
             continue
         if "neuron" in kinds:
             u = _mlp_unit(named, n, m)
             if u is not None and not ({u.name, n} & ignored):
                 units.append(u)
+    mha = mha_head_units(named, kinds, ignored, set())  # nn.MultiheadAttention inside (e.g. pooling heads)
+    units.extend(mha)
+    covered.update(u.name for u in mha)
     for n, m in named.items():
         looks = type(m).__name__.endswith("Attention") and any(True for _ in m.parameters())
         if looks and n not in covered and not any(c.startswith(n + ".") or n.startswith(c + ".") for c in covered):
             reasons[n] = (f"{type(m).__name__} matches no attention layout flowprune can cut (separate "
-                          "q/k/v/o projections or GPT-2's fused c_attn); its heads are left intact")
+                          "q/k/v/o projections, GPT-2's c_attn or GPT-NeoX's per-head query_key_value); its heads "
+                          "are left intact")
     order = {n: i for i, n in enumerate(named)}
     units.sort(key=lambda u: order[u.name])
     units.unsupported, units.reasons, units.excluded = list(reasons), reasons, []
