@@ -13,5 +13,6 @@ from __future__ import annotations
 
 from flowprune.hf import units as _units  # noqa: F401 -- registers the unit provider
 from flowprune.hf.adapter import TensorIO, as_tensor_model, is_hf_model, unwrap
+from flowprune.hf.io import from_pretrained
 
-__all__ = ["TensorIO", "as_tensor_model", "is_hf_model", "unwrap"]
+__all__ = ["TensorIO", "as_tensor_model", "from_pretrained", "is_hf_model", "unwrap"]
