@@ -171,7 +171,7 @@ def check_family_torch_pruning(name: str) -> dict:
     import torch_pruning as tp
 
     from flowprune.hf.adapter import TensorIO
-    from flowprune.hf.units import _set_head_attrs, find_hf_units
+    from flowprune.hf.units import HFUnit, _set_head_attrs, find_hf_units
 
     try:
         model, x, kind = build_family(name)
@@ -179,7 +179,7 @@ def check_family_torch_pruning(name: str) -> dict:
         return {"status": "skip", "error": f"{type(e).__name__}: {str(e)[:200]}"}
     dense = _params(model)
     try:
-        heads = [u for u in find_hf_units(model, ("head",), set(), config=model.config) if u.kind == "head"]
+        heads = [u for u in find_hf_units(model, ("head",), set(), config=model.config) if isinstance(u, HFUnit)]
         num_heads = {}
         for u in heads:
             for mem in u.producers:
