@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from flowprune import (
     export,  # noqa: E402  (a callable module: fp.export(model, path), fp.export.OnnxCascade)
+    hf,  # noqa: E402,F401  (registers the Hugging Face unit provider; transformers stays lazy)
+    mha,  # noqa: E402,F401  (registers the nn.MultiheadAttention head units)
     recurrent,  # noqa: F401  (registers the "recurrent" unit kind: LSTM / GRU / RNN hidden units)
 )
 from flowprune._version import __version__

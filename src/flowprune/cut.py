@@ -25,8 +25,15 @@ from torch import nn
 
 from flowprune.device import model_device
 from flowprune.errors import FlowpruneError
-from flowprune.measure import runs_on as _runs
+from flowprune.measure import runs_on
 from flowprune.tp_ext import dedupe_group as _dedupe_group
+
+
+def _runs(model: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``model`` runs on ``x`` (a Hugging Face model through its input adapter)."""
+    from flowprune.hf.adapter import as_tensor_model
+
+    return runs_on(as_tensor_model(model), x)
 
 
 def _example(model: nn.Module, example_inputs: torch.Tensor | None) -> torch.Tensor:
@@ -149,6 +156,11 @@ def _cut(model: nn.Module, cuts, x: torch.Tensor, *, check_each: bool) -> nn.Mod
             clean[name] = lst
     for name, lst in clean.items():
         u = by[name]
+        if hasattr(u, "apply_cut"):  # a unit that carries its own surgery (flowprune.unit_providers)
+            u.apply_cut(lst)
+            if check_each and not _runs(new, x):
+                raise FlowpruneError(f"cutting unit {name!r} leaves the model unable to run")
+            continue
         if u.kind == "head":
             continue
         pruner = dg.get_pruner_of_module(u.module)
@@ -164,7 +176,7 @@ def _cut(model: nn.Module, cuts, x: torch.Tensor, *, check_each: bool) -> nn.Mod
                                  "mapping of this architecture is wrong for that unit; leave it out of the cuts "
                                  f"or pass ignored_layers=[{name!r}] to find_units")
     for name, lst in clean.items():
-        if by[name].kind == "head":
+        if by[name].kind == "head" and not hasattr(by[name], "apply_cut"):
             cut_heads(by[name].module, lst)
             if check_each and not _runs(new, x):
                 raise FlowpruneError(f"cutting the heads of {name!r} leaves the model unable to run")

@@ -162,6 +162,12 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict | None = N
 
     if not isinstance(model, nn.Module):
         raise FlowpruneError(f"model must be a torch nn.Module, got {type(model).__name__}")
+    from flowprune.hf.adapter import is_hf_model, unwrap
+
+    if is_hf_model(unwrap(model)):  # save_pretrained files plus the width record (flowprune.hf.io)
+        from flowprune.hf import io as hf_io
+
+        return hf_io.save(model, path, metadata=metadata)
     base = base or getattr(model, "flowprune_base", None)
     if base is None:  # built directly with torchvision / timm: the tv:NAME / timm:NAME that rebuilds it
         from flowprune.models.infer import infer_base
@@ -512,6 +518,7 @@ def rebuild(recipe: dict, shapes: dict[str, tuple[int, ...]], *, where: str | os
         m = present.get(name)
         if m is None:
             continue
+        _upgrade_class(m, info["class"])
         for a, v in info.get("attrs", {}).items():
             if a not in m.__dict__:
                 continue
@@ -553,6 +560,14 @@ def rebuild(recipe: dict, shapes: dict[str, tuple[int, ...]], *, where: str | os
     return model
 
 
+def _upgrade_class(m: nn.Module, saved: str) -> None:
+    """A module a cut turned into a flowprune subclass gets that class back (only these known pairs)."""
+    if saved == "PrunedMultiheadAttention" and type(m) is nn.MultiheadAttention:
+        from flowprune.mha import PrunedMultiheadAttention
+
+        PrunedMultiheadAttention.adopt(m)
+
+
 def _check_shapes(model: nn.Module, where: str) -> None:
     """Every conv / linear / norm layer's weights must agree with its own attributes."""
     for name, m in model.named_modules():
@@ -589,6 +604,10 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.M
         FlowpruneError: whatever is wrong with the directory (missing, corrupt, truncated or
             edited files, a recipe asking for something not allowed).
     """
+    from flowprune.hf import io as hf_io
+
+    if hf_io.is_saved_hf(path):  # a Hugging Face model (flowprune.hf.io)
+        return hf_io.load(path, device=device)
     d = _resolve(path)
     recipe = read_recipe(d)
     validate_recipe(recipe, d / RECIPE_FILE)

@@ -39,12 +39,19 @@ def input_shape_of(model: nn.Module, input_shape: Sequence[int] | None = None) -
     return tuple(int(s) for s in base["input_shape"])
 
 
-def count_macs_params(model: nn.Module, input_shape: Sequence[int] | None = None) -> tuple[int, int]:
-    """(MACs per sample, parameter count) by Torch-Pruning's counter, at batch size 1."""
+def count_macs_params(model: nn.Module, input_shape: Sequence[int] | None = None, *,
+                      example_inputs: torch.Tensor | None = None) -> tuple[int, int]:
+    """(MACs per sample, parameter count) by Torch-Pruning's counter, at batch size 1.
+
+    ``example_inputs`` (its first sample is used) replaces the random input of ``input_shape``:
+    needed for inputs that are not floats (token ids).
+    """
     import torch_pruning as tp
 
-    shape = input_shape_of(model, input_shape)
-    x = torch.randn(1, *shape, device=_device_of(model))
+    if example_inputs is not None:
+        x = example_inputs[:1].to(_device_of(model))
+    else:
+        x = torch.randn(1, *input_shape_of(model, input_shape), device=_device_of(model))
     with eval_mode(model), torch.no_grad():
         macs, params = tp.utils.count_ops_and_params(model, x)
     return int(macs), int(params)

@@ -52,8 +52,8 @@ _EMBED_PARAM_NAMES = ("cls_token", "pos_embed", "dist_token", "reg_token", "mask
                       "pos_embedding", "absolute_pos_embed", "pos_embed_window")
 # Why a supported-looking module type is still left intact.
 _UNSUPPORTED_TYPE_REASONS = {
-    nn.MultiheadAttention: "nn.MultiheadAttention: PyTorch requires num_heads * head_dim == embed_dim, so its heads "
-                           "cannot be cut in place; its embed dim is the (excluded) residual stream",
+    nn.MultiheadAttention: "nn.MultiheadAttention: its embed dim (the residual stream) is left intact; its heads are "
+                           "cut unless kdim/vdim differ, add_bias_kv or add_zero_attn (see flowprune.mha)",
 }
 
 
@@ -788,10 +788,15 @@ def _remap(members: list[Member], class_of: torch.Tensor) -> list[Member]:
 def analyse(model: nn.Module, example_inputs: torch.Tensor, *, kinds: Sequence[str] | None = None,
             ignored_layers: Sequence[nn.Module | str] | None = None, validate: bool = True):
     """:func:`find_units` plus the DependencyGraph it used: ``(units, dg)``."""
+    from flowprune.unit_providers import extra_units, units_from_provider
+
     kinds = _check_analyse_args(model, kinds)
     named = dict(model.named_modules())
     mod2name = {m: n for n, m in named.items()}
     ignored = _ignored_names(ignored_layers, named, mod2name)
+    provided = units_from_provider(model, kinds, ignored)  # a family found by layout (no graph)
+    if provided is not None:
+        return provided, None
     excluded = _classifier_names(model) | _embedding_names(model)
     reasons = unsupported_reasons(model)
     attn_names = {n for n, m in named.items() if is_attention(m)}
@@ -809,6 +814,7 @@ def analyse(model: nn.Module, example_inputs: torch.Tensor, *, kinds: Sequence[s
         scan.add_units(units, kinds)
     if "head" in kinds:
         _add_head_units(units, named, order, attn_names, ignored, excluded)
+        units.extend(extra_units(named, kinds, ignored, excluded))  # e.g. nn.MultiheadAttention heads
     unit_kinds.add_units(kinds, units, model, dg, example_inputs, named, mod2name, ignored | excluded, validate)
     units.sort(key=lambda u: order[u.name])
     if validate and _has_splits(dg):

@@ -225,6 +225,17 @@ def _check_data(data, model) -> None:
                              "(x, y) calibration batches")
 
 
+def _example_input(data, shape: tuple) -> torch.Tensor:
+    """One input: a random float batch of ``shape``, or the data's first sample for integer inputs
+    (token ids, which a random float tensor cannot stand for)."""
+    from flowprune.data import DataSplits
+
+    x = data.train.tensors[0] if isinstance(data, DataSplits) else data[0][0]
+    if x.is_floating_point():
+        return torch.randn(1, *shape)
+    return x[:1].clone()
+
+
 def _eval_loader(data):
     from flowprune.data import DataSplits, make_loader
 
@@ -301,10 +312,11 @@ def prune(model: nn.Module, data, config: PruneConfig | dict | str | None = None
     if not isinstance(model, nn.Module):
         raise FlowpruneError(f"model must be a torch nn.Module, got {type(model).__name__}")
     from flowprune import notices
+    from flowprune.hf.adapter import as_tensor_model
 
     with notices.collect() as warned:  # each warning once per run; the full list in the result
-        run = _PruneRun(model, data, cfg, device=device, amp=amp, checkpoint_dir=checkpoint_dir, progress=progress,
-                        teacher=teacher, latency=(latency_model, latency_cache))
+        run = _PruneRun(as_tensor_model(model), data, cfg, device=device, amp=amp, checkpoint_dir=checkpoint_dir,
+                        progress=progress, teacher=teacher, latency=(latency_model, latency_cache))
         res = run.execute(on_step=on_step)
     res.warnings = [dict(w) for w in warned]
     return res
@@ -343,7 +355,7 @@ class _PruneRun:
             raise FlowpruneError("checkpoint_dir needs a model built by flowprune.build_model (it carries flowprune_base)")
         self.base = getattr(model, "flowprune_base", None)
         self.shape = tuple(data.input_shape) if self.is_splits else tuple(data[0][0].shape[1:])
-        self.example = torch.randn(1, *self.shape).to(self.dev)
+        self.example = _example_input(data, self.shape).to(self.dev)
         self.work = copy.deepcopy(model).to(self.dev)
         self.lm, self.dense = latency[0], None
         self._check_units(latency[1])
@@ -378,7 +390,7 @@ class _PruneRun:
         if cfg.target_speedup is not None:
             self._latency_model(latency_cache)
         self.sizes0 = {u.name: u.size for u in self.units0}
-        self.dense_macs, self.dense_params = count_macs_params(self.work, self.shape)
+        self.dense_macs, self.dense_params = count_macs_params(self.work, example_inputs=self.example)
         goal = cfg.target_macs or cfg.target_speedup
         self.targets = (macs_schedule(goal, cfg.steps, cfg.schedule) if goal is not None
                         else ratio_schedule(cfg.ratio, cfg.steps, cfg.schedule))
@@ -428,7 +440,7 @@ class _PruneRun:
                 bar.update(1)
         if bar is not None:
             bar.close()
-        macs, params = count_macs_params(self.work, self.shape)
+        macs, params = count_macs_params(self.work, example_inputs=self.example)
         final_widths = history[-1]["widths"] if history else self.sizes0
         latency = {}
         if self.lm is not None and self.cfg.target_speedup is not None:
@@ -437,7 +449,9 @@ class _PruneRun:
             latency = speed_check(self.dense, self.work, self.lm, self.example, self.cfg.target_speedup,
                                   self.dense_macs / max(macs, 1))
             latency["predicted_speedup"] = history[-1].get("predicted_speedup") if history else None
-        return PruneResult(latency=latency, model=self.work, history=history, widths=dict(final_widths), macs=macs, params=params,
+        from flowprune.hf.adapter import unwrap
+
+        return PruneResult(latency=latency, model=unwrap(self.work), history=history, widths=dict(final_widths), macs=macs, params=params,
                            dense_macs=self.dense_macs, dense_params=self.dense_params, method=self.cfg.method,
                            config=self.cfg.record(), unsupported=list(self.units0.unsupported))
 
@@ -504,7 +518,7 @@ class _PruneRun:
         from flowprune.train import reestimate_bn as bn_reestimate
 
         cfg, work = self.cfg, self.work
-        macs, params = count_macs_params(work, self.shape)
+        macs, params = count_macs_params(work, example_inputs=self.example)
         rec.update(macs=macs, params=params, reduction=self.dense_macs / max(macs, 1), widths=widths_now)
         if self.eval_loader is not None:
             rec["acc_cut"] = accuracy(work, self.eval_loader)

@@ -22,6 +22,7 @@ from flowprune.scores.base import (
     device_of,
     grouped_input_index,
     input_channel_sq,
+    linear_weight,
     modules_of,
     register_score,
 )
@@ -88,7 +89,7 @@ class _ActivationScore(Score):
         if is_recurrent(mod):
             per = {k: self.per_weight(mod, getattr(mod, k).detach().double().cpu(), v) for k, v in xn.items()}
             return unit_rows(mod, per, bias=False).sum(1)
-        w = folded_weight(mod.weight.detach().double().cpu(), fold)
+        w = folded_weight(linear_weight(mod).detach().double().cpu(), fold)
         return self.per_weight(mod, w, xn).flatten(1).sum(1)
 
     def compute(self, model, units, batches):

@@ -104,6 +104,9 @@ class Score:
     def __call__(self, model: nn.Module, units, batches: Batches | None = None) -> dict[str, torch.Tensor]:
         if self.needs_data and not batches:
             raise FlowpruneError(f"score {self.name!r} needs calibration batches [(x, y), ...]; got none")
+        from flowprune.hf.adapter import as_tensor_model
+
+        model = as_tensor_model(model)  # a Hugging Face model: x in, logits out (same module names)
         if self.needs_labels and batches:
             check_labels(model, batches)
         from flowprune import distributed
@@ -111,7 +114,9 @@ class Score:
         units, batches = list(units), list(batches or [])
         mode = self.shard_mode() if distributed.active() else "replicate"
         mine = distributed.shard(batches) if mode != "replicate" else batches
-        with preserved(model), safe_conv_backward(model):
+        from flowprune.mha import pruned_forward
+
+        with preserved(model), safe_conv_backward(model), pruned_forward(model):  # MHA out_proj called as a module
             out = self.compute(model, units, mine)
         out = {u.name: out[u.name].detach().cpu().reshape(u.size) for u in units}
         if distributed.active():
@@ -229,6 +234,22 @@ def input_channel_sq(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     return (x ** 2).reshape(-1, x.shape[-1]).sum(0)
 
 
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """A layer's weight with output rows first: ``weight`` of a Linear / conv, the transpose of
+    transformers' ``Conv1D`` (stored ``(in, out)``), the packed ``in_proj_weight`` of an
+    ``nn.MultiheadAttention`` (its q, k, v rows)."""
+    if isinstance(module, nn.MultiheadAttention):
+        return module.in_proj_weight
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return module.weight.t()
+    return module.weight
+
+
+def linear_weight_like(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """``t`` (shaped like ``module.weight``) with output rows first, as :func:`linear_weight` reads it."""
+    return t.t() if type(module).__name__ == "Conv1D" and hasattr(module, "nf") else t
+
+
 def weight_rows(w: torch.Tensor, idxs: torch.Tensor) -> torch.Tensor:
     """Rows ``idxs`` of a weight along its output dim, flattened: (len(idxs), fan_in)."""
     return w.detach()[idxs].flatten(1)
@@ -250,6 +271,9 @@ def unit_generator(seed: int, name: str) -> torch.Generator:
 
 
 def cross_entropy_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if logits.dim() > 2 and y.dim() == logits.dim() - 1 and y.shape == logits.shape[:-1] and not y.is_floating_point():
+        # token labels (a language model's next tokens, (B, T)) for token logits (B, T, V): every token counts
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
     if logits.dim() > 2:  # e.g. token outputs: average over the extra dims
         logits = logits.flatten(2).mean(2)
     return torch.nn.functional.cross_entropy(logits, y, reduction="sum")

@@ -32,7 +32,14 @@ from torch import nn
 
 from flowprune.errors import bad_choice
 from flowprune.recurrent import input_columns, is_recurrent, unit_rows
-from flowprune.scores.base import Score, modules_of, register_score, unit_generator, weight_rows
+from flowprune.scores.base import (
+    Score,
+    linear_weight,
+    modules_of,
+    register_score,
+    unit_generator,
+    weight_rows,
+)
 
 BN_MODES = ("fold", "ignore")
 GROUP_MODES = ("producers", "all")
@@ -123,14 +130,14 @@ def group_norm(model: nn.Module, unit, p: int, bn: str = "fold", group: str = "p
         if is_recurrent(mod):  # gate rows of each hidden unit; no BatchNorm follows a recurrent layer
             rows = unit_rows(mod)[m.idxs].double().cpu()
         else:
-            rows = weight_rows(folded_weight(mod.weight.detach().double().cpu(), factors.get(m.module_name)), m.idxs)
+            rows = weight_rows(folded_weight(linear_weight(mod).detach().double().cpu(), factors.get(m.module_name)), m.idxs)
         acc.index_add_(0, m.root_idxs, rows.abs().sum(1) if p == 1 else (rows ** 2).sum(1))
     if group == "all":
         for m in unit.consumers:
             mod = mods[m.module_name]
             if m.module_name in {q.module_name for q in unit.producers}:
                 continue  # a depthwise conv is both: counted once, as a producer
-            cols = (input_columns(mod, m.idxs) if is_recurrent(mod) else consumer_columns(mod.weight, m.idxs, mod))
+            cols = (input_columns(mod, m.idxs) if is_recurrent(mod) else consumer_columns(linear_weight(mod), m.idxs, mod))
             cols = cols.double().cpu()
             acc.index_add_(0, m.root_idxs, cols.abs().sum(1) if p == 1 else (cols ** 2).sum(1))
     return acc if p == 1 else acc.sqrt()

@@ -22,6 +22,8 @@ class Taylor(Score):
     needs_labels = True
 
     def compute(self, model, units, batches):
+        from flowprune.scores.base import linear_weight_like
+
         mods = modules_of(model)
         dev = device_of(model)
         model.eval()
@@ -32,7 +34,8 @@ class Taylor(Score):
                 if is_recurrent(mod):  # every gate row of the hidden unit, in every layer and direction
                     entries.extend((u, m, p) for p in mod.parameters())
                     continue
-                for pname in ("weight", "bias"):
+                pnames = ("in_proj_weight", "in_proj_bias") if isinstance(mod, nn.MultiheadAttention) else ("weight", "bias")
+                for pname in pnames:
                     p = getattr(mod, pname, None)
                     if isinstance(p, nn.Parameter):
                         entries.append((u, m, p))
@@ -56,6 +59,8 @@ class Taylor(Score):
                         rows = unit_rows(mods[m.module_name], {names[id(p)]: gw})
                         per[u.name].index_add_(0, m.root_idxs, rows[m.idxs].sum(1))
                         continue
+                    if p.dim() == 2 and p is getattr(mods[m.module_name], "weight", None):
+                        gw = linear_weight_like(mods[m.module_name], gw)
                     gw = gw[m.idxs]
                     per[u.name].index_add_(0, m.root_idxs, gw.flatten(1).sum(1) if gw.dim() > 1 else gw)
                 for k, v in per.items():
