@@ -51,7 +51,8 @@ RANDOM = {"seed": 0}
 # the same for every flowprune configuration of the study: one-shot cuts (no training), BN re-estimated
 FIXED = {"schedule": "geometric", "reestimate_bn": True, "min_width": 1, "round_to": 1,
          "kinds": ("channel", "neuron", "head"), "finetune_epochs": 0, "final_finetune_epochs": 0,
-         "finetune_config": None}
+         "finetune_config": None, "recovery": "finetune", "recovery_options": None, "recovery_epochs": None,
+         "target_speedup": None, "batch_size": 1, "backend": "eager"}
 # set by run_one for every configuration alike
 RUN_FIELDS = ("target_macs", "ratio", "calib_batches", "calib_batch_size", "seed", "measure")
 TP_RUN_FIELDS = ("model", "method", "target", "input_shape", "batches", "seed", "cache", "importance")

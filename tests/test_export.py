@@ -34,7 +34,7 @@ CUTS = ("channels", "heads", "blocks", "hyperflows")
 
 
 def _shape(name: str) -> tuple[int, ...]:
-    return (1, 40) if name == "cnn1d" else (1, 8, 8)
+    return (1, 40) if name.endswith("1d") else (1, 8, 8)  # cnn1d, lstm1d, gru1d read 1-D signals
 
 
 def _applies(name: str, cut: str) -> bool:
@@ -62,7 +62,7 @@ def cut_model(name: str, cut: str) -> torch.nn.Module:
     m = build_model(name, shape, 10).eval()
     x = torch.randn(1, *shape)
     if cut in ("channels", "heads"):
-        kinds = ("head",) if cut == "heads" else ("channel", "neuron")
+        kinds = ("head",) if cut == "heads" else ("channel", "neuron", "recurrent")
         units = find_units(m, x, kinds=kinds)
         assert units, f"{name} has no {kinds} units"
         scores = get_score("l1")(m, units)

@@ -115,12 +115,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 def check_teacher(teacher: nn.Module, student: nn.Module, example: torch.Tensor) -> None:
     """Raise FlowpruneError unless ``teacher`` and ``student`` give the same number of output classes
-    (and unless this is a torchrun run, where the distillation term is not yet scaled per rank)."""
-    from flowprune import distributed
-
-    if distributed.world_size() > 1:
-        raise FlowpruneError("recovery='kd' is not supported under torchrun yet (its loss is not scaled per rank); "
-                             "use recovery='finetune'")
+    (under torchrun :func:`flowprune.train.fit` scales the distillation term per rank like the CE)."""
     if not isinstance(teacher, nn.Module):
         raise FlowpruneError(f"teacher must be a torch nn.Module, got {type(teacher).__name__}")
     with torch.no_grad():
@@ -147,7 +142,7 @@ def _example_of(data, model: nn.Module) -> torch.Tensor:
 
 
 class _Distiller:
-    """``extra_loss`` for :func:`flowprune.train.fit`: turns CE into the KD loss, counts teacher passes.
+    """``extra_loss`` for :func:`flowprune.train.fit`: turns CE into the KD loss.
 
     ``fit`` adds the returned term to ``CE``; returning ``alpha * (T^2 KL - CE)`` makes the total
     ``(1 - alpha) * CE + alpha * T^2 KL``.
@@ -155,12 +150,10 @@ class _Distiller:
 
     def __init__(self, teacher: nn.Module, recipe: RecoveryRecipe, label_smoothing: float = 0.0):
         self.teacher, self.recipe, self.ls = teacher, recipe, label_smoothing
-        self.forwards = 0
 
     def __call__(self, model, x, y, logits):
         with torch.no_grad():
             t_logits = self.teacher(x)
-        self.forwards += int(x.shape[0])
         ce = F.cross_entropy(logits, y, label_smoothing=self.ls)
         return self.recipe.alpha * (kd_loss(logits, t_logits, self.recipe.temperature) - ce)
 
@@ -198,9 +191,9 @@ def recover(model: nn.Module, data, epochs: int, recipe: RecoveryRecipe | None =
         extra = _Distiller(t_model, recipe, cfg.label_smoothing)
         rec["teacher_params"] = sum(p.numel() for p in t_model.parameters())
     t0 = time.perf_counter()
-    fit(model, data, cfg, checkpoint_dir=checkpoint_dir, progress=progress, extra_loss=extra, device=device,
-        amp=amp, max_batches_per_epoch=max_batches_per_epoch)
+    hist = fit(model, data, cfg, checkpoint_dir=checkpoint_dir, progress=progress, extra_loss=extra, device=device,
+               amp=amp, max_batches_per_epoch=max_batches_per_epoch)
     rec["seconds"] = time.perf_counter() - t0
-    if extra is not None:
-        rec["teacher_forwards"] = extra.forwards
+    if extra is not None:  # every training sample of every epoch went through the teacher once, resumed epochs too
+        rec["teacher_forwards"] = sum(int(e.get("samples", 0)) for e in hist.get("epochs", []))
     return rec

@@ -261,7 +261,10 @@ def _run_epochs(model, loader, cfg, opt, sched, history, start_epoch, steps_per_
                 else:
                     loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
                 if extra_loss is not None:
-                    loss = loss + extra_loss(model, x, y, logits)
+                    extra = extra_loss(model, x, y, logits)
+                    if world > 1:  # a mean over my slice -> my share of the global mean, as for the CE above
+                        extra = extra * (len(y) * world / n_global)
+                    loss = loss + extra
             if not torch.isfinite(loss.detach()):
                 raise FloatingPointError(f"loss became {float(loss)} at epoch {epoch + 1}, step {step + 1}; "
                                          f"lower the learning rate (lr={cfg.lr}). The last good checkpoint is kept.")
@@ -284,7 +287,8 @@ def _run_epochs(model, loader, cfg, opt, sched, history, start_epoch, steps_per_
         if world > 1:
             tot = distributed.all_reduce_sum(torch.tensor([running, n_seen], dtype=torch.float64))
             running, n_seen = float(tot[0]), int(tot[1])
-        rec = {"epoch": epoch + 1, "loss": running / max(n_seen, 1), "lr": opt.param_groups[0]["lr"]}
+        rec = {"epoch": epoch + 1, "loss": running / max(n_seen, 1), "lr": opt.param_groups[0]["lr"],
+               "samples": n_seen}
         if val_data is not None:
             rec["val_accuracy"] = accuracy(model, val_data)
         history["epochs"].append(rec)
