@@ -67,9 +67,10 @@ def write_page(name: str, payload: dict, results_dir: Path = RESULTS) -> Path:
 # ------------------------------------------------------------------------------------- blocks
 
 def table_md(table: dict) -> str:
-    lines = ["| " + " | ".join(table["columns"]) + " |", "|" + "|".join(table.get("rule") or
-                                                                      ["---"] * len(table["columns"])) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in table["rows"]]
+    """A pipe table; a cell is written as stored (its padding included), a short rule as ``---``."""
+    rule = table.get("rule") or ["---"] * len(table["columns"])
+    lines = ["|" + "|".join(table["columns"]) + "|", "|" + "|".join(rule) + "|"]
+    lines += ["|" + "|".join(row) + "|" for row in table["rows"]]
     return "\n".join(lines)
 
 
@@ -81,7 +82,8 @@ def render_blocks(payload: dict) -> str:
 
 
 def _cells(line: str) -> list[str]:
-    return [c.strip() for c in line.strip()[1:-1].split("|")]
+    """The cells between the pipes, exactly as written (the page must come back byte for byte)."""
+    return line.rstrip("\n")[1:-1].split("|")
 
 
 def to_blocks(md: str) -> list[dict]:
@@ -103,7 +105,7 @@ def to_blocks(md: str) -> list[dict]:
         j = i + 2
         while j < len(lines) and lines[j].startswith("|"):
             j += 1
-        table = {"columns": _cells(lines[i]), "rule": lines[i + 1].strip()[1:-1].split("|"),
+        table = {"columns": _cells(lines[i]), "rule": _cells(lines[i + 1]),
                  "rows": [_cells(r) for r in lines[i + 2:j]]}
         candidate = table_md(table) + "\n"
         if candidate != "".join(lines[i:j]) or not lines[j - 1].endswith("\n"):
@@ -120,18 +122,40 @@ def to_blocks(md: str) -> list[dict]:
 
 
 def archive(name: str, date: str, results_dir: Path = RESULTS) -> Path:
-    """Convert the hand-written ``<name>.md`` into ``<name>.json`` (blocks) + the archived header."""
+    """Convert the hand-written ``<name>.md`` into ``<name>.json`` (blocks) + the archived header.
+
+    A results file already beside the page (a benchmark's own JSON that the page's prose cannot be
+    rebuilt from) is kept whole under ``raw``. Run again on an archived page (after a merge edited it),
+    it converts the page anew, keeping ``raw``."""
     md = (results_dir / f"{name}.md").read_text()
+    jpath = results_dir / f"{name}.json"
+    old = json.loads(jpath.read_text()) if jpath.is_file() else None
+    raw = old.get("raw") if isinstance(old, dict) and old.get("kind") == "archived-page" else old
     head, _, rest = md.partition("\n")
-    note = ARCHIVE_NOTE.format(name=name, date=date)
-    if note.split("{")[0][:40] in md:
-        raise SystemExit(f"{name}.md is already archived")
+    marker = ARCHIVE_NOTE.split("{")[0]
+    if not head.strip():  # a page that starts with a blank line
+        head, _, rest = rest.lstrip("\n").partition("\n")
+    if rest.lstrip("\n").startswith(marker):  # already archived: drop the old note paragraph
+        rest = rest.lstrip("\n").partition("\n")[2]
+    else:
+        rest = rest.lstrip("\n")
+    note = ARCHIVE_NOTE.format(name=name, date=date) + (
+        f" The benchmark's own results file is kept whole under `raw` in {name}.json." if raw is not None else "")
     payload = {"kind": "archived-page", "command": f"python -m benchmarks.results_pages --archive {name}",
-               "date": date, "page": [{"md": head + "\n\n" + note + "\n"}] + to_blocks(rest)}
+               "date": date, "page": [{"md": (head + "\n\n" if head.strip() else "") + note + "\n\n"}] + to_blocks(rest)}
+    if raw is not None:
+        payload["raw"] = raw
     return write_page(name, payload, results_dir)
 
 
 # ------------------------------------------------------------------------------ benchmark writers
+
+@writer("calibration_cost")
+def _calibration_cost(payload: dict) -> str:
+    from benchmarks.bench_calibration_cost import render_md
+
+    return render_md(payload)
+
 
 @writer("coverage")
 def _coverage(payload: dict) -> str:
@@ -184,35 +208,37 @@ def command_of(payload: dict) -> str:
 
 def problems(results_dir: Path = RESULTS) -> list[str]:
     """One sentence per page that does not regenerate byte for byte from its JSON (what to add)."""
-    out = []
-    for name in pages(results_dir):
-        j = results_dir / f"{name}.json"
-        if not j.is_file():
-            out.append(f"docs/results/{name}.md has no {name}.json beside it: make the benchmark that wrote it call "
-                       f"benchmarks.results_pages.write_page({name!r}, payload) (or, for numbers whose raw "
-                       f"results are lost, `python -m benchmarks.results_pages --archive {name}`)")
-            continue
-        payload = json.loads(j.read_text())
-        try:
-            md = render(name, payload)
-        except KeyError as e:
-            out.append(str(e.args[0]))
-            continue
-        except Exception as e:  # noqa: BLE001 - a writer that cannot read its JSON is a finding, not a crash
-            out.append(f"the writer of docs/results/{name}.md fails on {name}.json: {type(e).__name__}: {e}")
-            continue
-        have = (results_dir / f"{name}.md").read_text()
-        if md != have:
-            a, b = have.splitlines(), md.splitlines()
-            k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-            out.append(f"docs/results/{name}.md differs from what its writer produces from {name}.json, first at "
-                       f"line {k + 1}: page {a[k] if k < len(a) else '<end>'!r} vs writer "
-                       f"{b[k] if k < len(b) else '<end>'!r} (rerun `python -m benchmarks.results_pages --render`)")
-        elif command_of(payload) and command_of(payload).split(" --")[0] not in md:
-            out.append(f"docs/results/{name}.md does not name the command in {name}.json ({command_of(payload)!r})")
-        elif not command_of(payload):
-            out.append(f"docs/results/{name}.json has no 'command' (the command that wrote it and the page)")
-    return out
+    return [p for name in pages(results_dir) if (p := page_problem(name, results_dir))]
+
+
+def page_problem(name: str, results_dir: Path = RESULTS) -> str | None:
+    """Why ``<name>.md`` does not regenerate from ``<name>.json`` (what to add or rerun), or None."""
+    j = results_dir / f"{name}.json"
+    if not j.is_file():
+        return (f"docs/results/{name}.md has no {name}.json beside it: make the benchmark that wrote it call "
+                f"benchmarks.results_pages.write_page({name!r}, payload) and register its writer with "
+                f"@writer({name!r}) in benchmarks/results_pages.py (or, for numbers whose raw results are "
+                f"lost, run `python -m benchmarks.results_pages --archive {name}`)")
+    payload = json.loads(j.read_text())
+    try:
+        md = render(name, payload)
+    except KeyError as e:
+        return str(e.args[0])
+    except Exception as e:  # noqa: BLE001 - a writer that cannot read its JSON is a finding, not a crash
+        return f"the writer of docs/results/{name}.md fails on {name}.json: {type(e).__name__}: {e}"
+    have = (results_dir / f"{name}.md").read_text()
+    if md != have:
+        a, b = have.splitlines(), md.splitlines()
+        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        return (f"docs/results/{name}.md differs from what its writer produces from {name}.json, first at line "
+                f"{k + 1}: page {a[k] if k < len(a) else '<end>'!r} vs writer {b[k] if k < len(b) else '<end>'!r} "
+                "(a hand edit? change the JSON or the writer, then `python -m benchmarks.results_pages --render`)")
+    cmd = command_of(payload)
+    if not cmd:
+        return f"docs/results/{name}.json has no 'command' (the command that wrote it and the page)"
+    if cmd.split(" --")[0] not in md:
+        return f"docs/results/{name}.md does not name the command that wrote it ({cmd!r}) in its header"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
