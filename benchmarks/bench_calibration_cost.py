@@ -186,36 +186,15 @@ def memory(key: str, repeats: int, T: int, batch: int) -> dict:
             "valid": valid, "how": sorted(how), "samples": out}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--models", default="resnet20,cnn1d")
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--mem-repeats", type=int, default=3)
-    p.add_argument("--T", type=int, default=10)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--doc", default=None, help="append the Markdown tables to this file")
-    p.add_argument("--memory-only", action="store_true", help="skip the timing part")
-    p.add_argument("--memory-child", nargs=2, metavar=("MODEL", "JOB"), help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.memory_child:
-        print(json.dumps(memory_child(args.memory_child[0], args.memory_child[1], args.T, args.batch)))
-        return 0
-    if args.quick:
-        args.repeats, args.mem_repeats = 3, 1
-    command = "python -m benchmarks.bench_calibration_cost " + " ".join(argv if argv is not None else sys.argv[1:])
-    trows, mrows = [], []
-    for key in args.models.split(","):
-        if not args.memory_only:
-            trows.append(time_it(key, key, args.repeats, args.T, args.batch))
-        m = memory(key, args.mem_repeats, args.T, args.batch)
-        mrows.append(m)
+def render_md(payload: dict) -> str:
+    """The results page, from the JSON payload alone (registered in benchmarks/results_pages.py)."""
+    trows, mrows = payload["time"], payload["memory"]
+    command = payload["command"]
     lines = ["## Calibration cost (AGF vs a plain training pass vs Torch-Pruning Taylor)", "",
              f"Command: `{command.strip()}`  ",
-             f"Date: {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}, "
-             f"{args.threads} thread(s); T = {args.T} batches of {args.batch}; medians of {args.repeats} interleaved "
+             f"Date: {payload['date']} UTC; torch {payload['torch']}, "
+             f"{payload['threads']} thread(s); T = {payload['T']} batches of {payload['batch']}; medians of "
+             f"{payload['repeats']} interleaved "
              "rounds (ratios: median of per-round ratios).", "",
              "| model | train pass s | AGF s | AGF / train | TP Taylor s | TP Taylor / train | find_units s (once) |",
              "|---|---|---|---|---|---|---|"]
@@ -224,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {t['model']} | {md['train pass']:.3f} | {md['AGF']:.3f} | {r['AGF']:.2f}x | "
                      f"{md['TP Taylor']:.3f} | {r['TP Taylor']:.2f}x | {t['find_units_s']:.2f} |")
     lines += ["", f"Peak memory increase (ru_maxrss after minus RSS before, fresh subprocess per measurement, "
-              f"median of {args.mem_repeats}):", "",
+              f"median of {payload['mem_repeats']}):", "",
               "| model | train step (1 batch) MiB | AGF calibration (T batches) MiB | AGF / train | peak from |",
               "|---|---|---|---|---|"]
     for m in mrows:
@@ -241,13 +220,47 @@ def main(argv: list[str] | None = None) -> int:
               + "; peak memory <= 1.5x a training step: "
               + ", ".join(f"{m['model']} {m['ratio']:.2f}x (**{'met' if m['ratio'] <= 1.5 else 'not met'}**)"
                           if m["valid"] else f"{m['model']} not measurable" for m in mrows) + "."]
-    text = "\n".join(lines)
-    print(text)
-    if args.doc:
-        with open(args.doc, "a") as fh:
-            fh.write("\n" + text + "\n")
+    return "\n" + "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--models", default="resnet20,cnn1d")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--mem-repeats", type=int, default=3)
+    p.add_argument("--T", type=int, default=10)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--doc", default=None, help="write this results page (docs/results/calibration_cost.md) "
+                   "and its JSON beside it")
+    p.add_argument("--memory-only", action="store_true", help="skip the timing part")
+    p.add_argument("--memory-child", nargs=2, metavar=("MODEL", "JOB"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        print(json.dumps(memory_child(args.memory_child[0], args.memory_child[1], args.T, args.batch)))
+        return 0
+    if args.quick:
+        args.repeats, args.mem_repeats = 3, 1
+    command = "python -m benchmarks.bench_calibration_cost " + " ".join(argv if argv is not None else sys.argv[1:])
+    trows, mrows = [], []
+    for key in args.models.split(","):
+        if not args.memory_only:
+            trows.append(time_it(key, key, args.repeats, args.T, args.batch))
+        m = memory(key, args.mem_repeats, args.T, args.batch)
+        mrows.append(m)
+    payload = {"command": command.strip(), "date": f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M}",
+               "torch": torch.__version__, "threads": args.threads, "T": args.T, "batch": args.batch,
+               "repeats": args.repeats, "mem_repeats": args.mem_repeats, "time": trows, "memory": mrows}
+    print(render_md(payload))
+    if args.doc:  # docs/results/<name>.json + .md through the one writer (benchmarks/results_pages.py)
+        from benchmarks.results_pages import write_page
+
+        doc = Path(args.doc)
+        write_page(doc.stem, payload, doc.parent)
     Path("runs/bench").mkdir(parents=True, exist_ok=True)
-    Path("runs/bench/calibration_cost.json").write_text(json.dumps({"time": trows, "memory": mrows}, indent=1))
+    Path("runs/bench/calibration_cost.json").write_text(json.dumps(payload, indent=1))
     return 0
 
 

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"$ {command}\n")
     print(table)
     print(f"\nmachine load before: {before}\nmachine load after:  {after}\n({seconds:.0f} s)")
-    result = {"command": command, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    result = {"command": command, "title": title, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                           "torch": torch.__version__, "onnxruntime": ort.__version__, "threads": args.threads},
               "load_before": before, "load_after": after, "settings": vars(args), "models": info,

@@ -13,13 +13,26 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# One torch thread for the whole suite: the test models are small, and on a 2-core machine that is
-# shared (or runs pytest next to other work) two OpenMP threads make them several times slower.
-torch.set_num_threads(1)
+# One torch thread for the whole suite by default: the test models are small, and on a 2-core machine
+# that is shared (or runs pytest next to other work) two OpenMP threads make them several times slower.
+# FLOWPRUNE_TEST_THREADS=N runs it with N (CI's second pass uses 2; see docs/ci.md).
+TEST_THREADS = int(os.environ.get("FLOWPRUNE_TEST_THREADS", "1"))
+torch.set_num_threads(TEST_THREADS)
 
 from flowprune.data import load_dataset  # noqa: E402
 from flowprune.models import build_model  # noqa: E402
 from flowprune.train import TrainConfig, fit  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _isolated_global_state():
+    """Each test starts from the same torch RNG state and thread count whatever ran before it (the
+    suite also runs in shuffled order), and a test (or an in-process CLI call with ``--threads``)
+    that changes the thread count does not change it for the tests after it."""
+    torch.manual_seed(0)
+    yield
+    if torch.get_num_threads() != TEST_THREADS:
+        torch.set_num_threads(TEST_THREADS)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,8 @@ def test_train_cli_writes_results_and_model(tmp_path, capsys):
     res = json.loads((out / "results.json").read_text())
     for key in ("accuracy", "macs", "params", "epochs", "seed"):
         assert key in res
-    assert res["epochs"] == 2 and res["accuracy"] > 0.8
+    # learns: measured 83.3% on the 359 test digits (1 and 2 threads); 0.6 is 12 standard errors below
+    assert res["epochs"] == 2 and res["accuracy"] > 0.6
     assert res["macs"] == 64 * 300 + 300 + 300 * 100 + 100 + 100 * 10 + 10 + 400  # + ReLU outputs
     assert load(out).flowprune_base["name"] == "lenet300"
     assert "test acc %" in capsys.readouterr().out

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import flowprune as fp
+from flowprune.measure import count_macs_params
 from flowprune.plan import plan_cuts
 from flowprune.pruning.structural import apply_cuts
 from flowprune.scores import get_score
@@ -330,10 +331,23 @@ def _check_random(spec, ratio, tmp_path):
     same = apply_cuts(model, {u.name: [] for u in units}, example_inputs=x[:1]).eval()
     with torch.no_grad():
         torch.testing.assert_close(same(x), y0)
-    if not units:
+    if not units:  # uncuttable: flowprune must say why (a reason per layer it left out)
+        assert units.reasons, f"no prunable unit and no reason given for {spec}"
         return
     plan = plan_cuts(model, units, scores, example_inputs=x[:1], ratio=ratio, budget="layer")
+    removed = {u.name: len(plan[u.name]) for u in units}
+    if not any(removed.values()):
+        # nothing cut: allowed only where the ratio rounds to zero channels in every unit (min_width=1),
+        # e.g. a 1-channel unit, or 2 channels at ratio 0.25 (round(1.5) = 2 kept)
+        kept_by_hand = {u.name: max(1, int(round(u.size * (1 - ratio)))) for u in units}
+        assert all(kept_by_hand[u.name] == u.size for u in units), (spec, ratio, kept_by_hand)
     new = apply_cuts(model, plan, example_inputs=x[:1])
+    if any(removed.values()):  # the cut happened: fewer params and MACs, narrower layers
+        macs0, params0 = count_macs_params(model, (3, 6, 6))
+        macs1, params1 = count_macs_params(new, (3, 6, 6))
+        assert params1 < params0 and macs1 < macs0, (spec, ratio, removed)
+        before, after = _widths(model), _widths(new)
+        assert any(after[n] != before[n] for n in before), (spec, ratio, removed)
     new.train()
     new(x).sum().backward()
     new.eval()
@@ -347,6 +361,12 @@ def _check_random(spec, ratio, tmp_path):
     back = fp.load(fp.save(new, tmp_path / "cut"))
     with torch.no_grad():
         torch.testing.assert_close(back(x), y)
+
+
+def _widths(m: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(getattr(c, a) for a in ("in_channels", "out_channels", "in_features", "out_features")
+                     if hasattr(c, a))
+            for n, c in m.named_modules() if isinstance(c, (nn.Conv2d, nn.Linear))}
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

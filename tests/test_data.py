@@ -62,14 +62,18 @@ def test_bad_input_names_value(kwargs, match):
 
 
 def test_torchvision_offline_fails_fast_and_leaves_no_folder(tmp_path, monkeypatch):
-    import time
+    import socket
+
+    def no_network(*args, **kwargs):  # fails fast = never tries the network (no timing to assert)
+        raise AssertionError(f"network access attempted: {args}")
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
     root = tmp_path / "tvdata"
-    t0 = time.perf_counter()
     with pytest.raises(FlowpruneError, match="cannot be downloaded"):
         load_dataset("tv:CIFAR10", root=str(root))
-    assert time.perf_counter() - t0 < 30
     assert not root.exists() or not any(root.rglob("*"))
     with pytest.raises(FlowpruneError, match="allowed"):
         load_dataset("tv:NoSuchSet", root=str(root))

@@ -69,7 +69,10 @@ def test_example_routes_saves_loads_and_exports(margin, experts, digits_data, tm
                         out_dir=tmp_path / "run")
     s = res.summary()
     assert s["router"] == "margin" and abs(s["heavy_usage"] - 0.4) < 0.1
-    assert s["routed_acc"] >= s["light_acc"]  # the margin finds the light expert's mistakes
+    # the margin finds the light expert's mistakes: routed above light by more than 3 standard errors of the
+    # difference on the n test images (measured 61.8% vs 43.5%, 5 standard errors)
+    n, a, b = len(digits_data.test), s["routed_acc"], s["light_acc"]
+    assert a - b > 3 * math.sqrt(a * (1 - a) / n + b * (1 - b) / n), s
     assert json.loads((tmp_path / "run" / "results.json").read_text())["router"] == "margin"
     back = load_cascade(tmp_path / "run" / "cascade")
     assert back.router.name == "margin" and back.router.temperature == 2.0

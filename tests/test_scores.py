@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -138,28 +139,43 @@ def test_as_tp_importance_in_torch_pruning_pruner(digits_data):
     assert m(torch.randn(2, 1, 8, 8)).shape == (2, 10)
 
 
-@pytest.mark.parametrize("target", [2.0, 4.0, 8.0])
-def test_tp_plugin_global_reaches_targets_and_beats_random(trained_resnet20_digits, digits_data, target):
-    """flowprune's AGF inside Torch-Pruning's own pruner, global ranking: reaches the MACs target within
-    3% and keeps more accuracy than Torch-Pruning's random importance at the same target."""
+def _tp_global(model, data, target, seed=0, **kw):
     from flowprune.compare import tp_prune_to_target
     from flowprune.data import make_loader
     from flowprune.measure import accuracy
     from flowprune.train import reestimate_bn
 
+    calib = data.calibration_batches(64, 4, seed=0)
+    pruned, info = tp_prune_to_target(model, "tp-random", target, input_shape=(1, 8, 8), batches=calib,
+                                      mode="global", seed=seed, **kw)
+    return accuracy(reestimate_bn(pruned, calib), make_loader(data.test, 512)), info
+
+
+@pytest.mark.parametrize("target", [2.0, 4.0, 8.0])
+def test_tp_plugin_global_reaches_targets(trained_resnet20_digits, digits_data, target):
+    """flowprune's AGF inside Torch-Pruning's own pruner, global ranking: reaches the MACs target within 3%."""
     calib = digits_data.calibration_batches(64, 4, seed=0)
-    x = torch.randn(1, 1, 8, 8)
-    imp = get_score("agf").as_tp_importance(batches=calib, example_inputs=x)
-    test = make_loader(digits_data.test, 512)
-    accs = {}
-    for name, kw in (("agf", {"importance": imp}), ("random", {})):
-        pruned, info = tp_prune_to_target(trained_resnet20_digits, "tp-random", target, input_shape=(1, 8, 8),
-                                          batches=calib, mode="global", seed=0, **kw)
-        assert info["within_tol"], info
-        accs[name] = accuracy(reestimate_bn(pruned, calib), test)
-    assert accs["agf"] > accs["random"], accs
+    imp = get_score("agf").as_tp_importance(batches=calib, example_inputs=torch.randn(1, 1, 8, 8))
+    acc, info = _tp_global(trained_resnet20_digits, digits_data, target, importance=imp)
+    assert info["within_tol"], info
+    assert 0.0 <= acc <= 1.0
     # scored once per set of weights: every trial of the ratio search is a deep copy of the same weights
     assert imp.calls == 1
+
+
+def test_tp_plugin_global_beats_random_by_many_standard_errors(trained_resnet20_digits, digits_data):
+    """At 2x (where a trained ResNet-20 on digits keeps ~65% with AGF and 33-56% with a random choice;
+    at 8x both sit near the 10% chance level, and which one is higher is float noise) AGF keeps more
+    accuracy than Torch-Pruning's random importance under each of 3 seeds, by more than 3 standard
+    errors of the difference of two accuracies on the n test images (sqrt(p1 q1 / n + p2 q2 / n))."""
+    calib = digits_data.calibration_batches(64, 4, seed=0)
+    imp = get_score("agf").as_tp_importance(batches=calib, example_inputs=torch.randn(1, 1, 8, 8))
+    agf, _ = _tp_global(trained_resnet20_digits, digits_data, 2.0, importance=imp)
+    n = len(digits_data.test)
+    for seed in (0, 1, 2):
+        rnd, _ = _tp_global(trained_resnet20_digits, digits_data, 2.0, seed=seed)
+        se = math.sqrt(agf * (1 - agf) / n + rnd * (1 - rnd) / n)
+        assert agf - rnd > 3 * se, (seed, agf, rnd, se)
 
 
 def test_tp_plugin_normalizer_and_errors():

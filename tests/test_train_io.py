@@ -28,7 +28,8 @@ def test_fit_learns_and_is_deterministic(digits_data):
     fit(b, digits_data, cfg, progress=False)
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
-    assert accuracy(a, make_loader(digits_data.test, 256)) > 0.85
+    # learns: measured 91.1% on the 359 test digits; 0.75 is 10 standard errors below (chance: 0.1)
+    assert accuracy(a, make_loader(digits_data.test, 256)) > 0.75
 
 
 def test_resume_after_interruption_gives_identical_weights(digits_data, tmp_path):
