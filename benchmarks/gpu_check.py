@@ -81,7 +81,7 @@ def markdown(payload: dict) -> str:
     names = list(next(iter(results.values()))["seconds"])
     lines = [f"# gpu_check: the whole flow per device ({', '.join(results[d]['device_name'] for d in devs)})", "",
              f"Command: `{payload['command']}` (torch {payload['torch']}, amp {payload['amp']}, "
-             f"{payload['epochs']} dense epochs)", ""]
+             f"{payload['epochs']} dense epochs)", "", *([payload["note"], ""] if payload.get("note") else [])]
     head = "| stage | " + " | ".join(f"{d} s" for d in devs) + (" | ratio |" if len(devs) == 2 else " |")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for n in names:
