@@ -130,6 +130,22 @@ def rows_of(res: dict, lights: dict, heavy, data, cond: str) -> tuple[list[dict]
     return erows, rrows
 
 
+def markdown(results: dict) -> str:
+    """OUT/NAME.md from the results payload: the calibration table (``--calibration-only``) or the
+    expert and routed tables."""
+    if "calibration_rows" in results:
+        n = results["split_sizes"]
+        return (f"Produced by `{results['command']}` (no timing; confidence router, thresholds decided on the "
+                f"{n['val']}-sample val split, checked on the {n['test']}-sample test split)\n\n"
+                + format_table(results["calibration_rows"], title="Heavy usage and accuracy of each calibration")
+                + "\n")
+    return "\n\n".join([f"Produced by `{results['command']}` ({results['threads']} thread(s); test accuracy: "
+                         + ", ".join(f"{k} {100 * v:.1f} %" for k, v in results["accuracy"].items()) + ")",
+                         format_table(results["expert_rows"], title="Light experts vs heavy, timed together at batch 256"),
+                         format_table(results["route_rows"],
+                                      title="Routed (confidence router), heavy/light/routed timed together")]) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dense", required=True, help="the demo's dense model directory (OUT/dense)")
@@ -159,12 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     results = {"command": "python -m benchmarks.bench_demo_speed " + " ".join(argv or sys.argv[1:]),
                "threads": torch.get_num_threads(), "accuracy": acc, "runs": {}}
     if args.calibration_only:
-        results["calibration_rows"] = rows = calibration_rows(heavy, lights, data)
+        results["split_sizes"] = {"val": len(data.val), "test": len(data.test)}
+        results["calibration_rows"] = calibration_rows(heavy, lights, data)
         write_results(out / f"{args.name}.json", results)
-        md = (f"Produced by `{results['command']}` (no timing; confidence router, thresholds decided on the "
-              f"{len(data.val)}-sample val split, checked on the {len(data.test)}-sample test split)\n\n"
-              + format_table(rows, title="Heavy usage and accuracy of each calibration"))
-        (out / f"{args.name}.md").write_text(md + "\n")
+        md = markdown(results)
+        (out / f"{args.name}.md").write_text(md)
         print(md)
         return 0
     conds = ["idle"] + (["one busy core"] if args.busy else [])
@@ -190,11 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         rrows += r
     results["expert_rows"], results["route_rows"] = erows, rrows
     write_results(out / f"{args.name}.json", results)
-    md = "\n\n".join([f"Produced by `{results['command']}` ({results['threads']} thread(s); test accuracy: "
-                      + ", ".join(f"{k} {100 * v:.1f} %" for k, v in acc.items()) + ")",
-                      format_table(erows, title="Light experts vs heavy, timed together at batch 256"),
-                      format_table(rrows, title="Routed (confidence router), heavy/light/routed timed together")])
-    (out / f"{args.name}.md").write_text(md + "\n")
+    md = markdown(results)
+    (out / f"{args.name}.md").write_text(md)
     print(md)
     print(json.dumps({k: results["runs"][k]["loadavg_at_end"] for k in conds}))
     return 0

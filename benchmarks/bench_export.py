@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                           "torch": torch.__version__, "onnxruntime": ort.__version__, "threads": args.threads},
               "load_before": before, "load_after": after, "settings": vars(args), "models": info,
-              "timing": sp, "rows": rows, "seconds": seconds}
+              "timing": sp, "timing_note": timing_note(args.batch), "rows": rows, "seconds": seconds}
     if not args.no_write:
         from flowprune.report import write_results
 
@@ -152,6 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         RESULTS_MD.write_text(_markdown(command, table, result, rows, args.batch))
         print(f"wrote {RESULTS_MD} and {RESULTS_JSON}")
     return 0
+
+
+def timing_note(batch: int) -> str:
+    """How this harness times the models, as the page says it (stored in the payload as ``timing_note``,
+    so a page re-rendered from an older run's JSON keeps the description of how that run measured)."""
+    return (f"Latency: batch 1; throughput: batches of {batch}; every model timed together in one interleaved "
+            "harness call per batch size (medians).")
 
 
 def _markdown(command: str, table: str, res: dict, rows: list[dict], batch: int) -> str:
@@ -170,8 +177,7 @@ def _markdown(command: str, table: str, res: dict, rows: list[dict], batch: int)
         "(speed only; accuracy is not measured here); \"/8\" marks kept widths rounded to multiples of 8 "
         "(`round_to=8`). Each model exported by `flowprune.export` "
         "(ONNX, dynamic batch, checked against PyTorch to 1e-4) and run by onnxruntime's CPU provider. "
-        "Latency: batch 1; throughput: batches of "
-        f"{batch}; every model timed together in one interleaved harness call per batch size (medians). \"speed-up per MACs cut\" = speed-up over the dense "
+        f"{res.get('timing_note') or timing_note(batch)} \"speed-up per MACs cut\" = speed-up over the dense "
         "ONNX model / MACs reduction (1.0 = time fell as fast as MACs).",
         "",
         table,

@@ -278,21 +278,32 @@ def provenance(raw: list[dict], rows: list[dict]) -> str:
 def write_doc(rows: list[dict], cmd: str, note: str, path: Path | None = RESULTS,
               runs: list[dict] | None = None) -> str:
     """The summary tables of ``rows`` as markdown (returned), and with a path, the .json (``runs``, as
-    given, default ``rows``; the summary) and the .md."""
+    given, default ``rows``; the summary) and the .md (rendered from that JSON by :func:`doc_page`)."""
     summary = summarise(rows)
+    if path is not None:
+        from benchmarks.results_pages import write_page
+
+        write_page(path.stem, {"command": cmd, "provenance": note, "summary": summary,
+                               "runs": rows if runs is None else runs}, path.parent)
+    return "\n".join(_doc_lines(rows, summary, cmd, note))
+
+
+def _doc_lines(rows: list[dict], summary: list[dict], cmd: str, note: str) -> list[str]:
     versions = sorted({r.get("code", "not recorded") for r in rows})
     text = [f"Command: `{cmd}`", "", f"Code versions of the rows: {', '.join(versions)}.", ""]
     if note:
         text += [note, ""]
     for key in sorted({r["model"] for r in rows}):
         text += [f"## {key}", "", table(summary, key), ""]
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"command": cmd, "provenance": note, "summary": summary,
-                                    "runs": rows if runs is None else runs}, indent=1))
-        path.with_suffix(".md").write_text("# Study: one-shot structural pruning configurations\n\n"
-                                           + "\n".join(text) + "\n")
-    return "\n".join(text)
+    return text
+
+
+def doc_page(payload: dict) -> str:
+    """docs/results/study_structural.md from its JSON (what ``--doc`` writes): the stored summary, and
+    the code versions and models of the stored runs (the same sets as those of the summarised rows)."""
+    return ("# Study: one-shot structural pruning configurations\n\n"
+            + "\n".join(_doc_lines(payload["runs"], payload["summary"], payload["command"], payload["provenance"]))
+            + "\n")
 
 
 def recheck(rows: list[dict], wanted: list[tuple], cmd: str, doc: bool) -> str:
@@ -306,18 +317,29 @@ def recheck(rows: list[dict], wanted: list[tuple], cmd: str, doc: bool) -> str:
                     "same": None if o is None else abs(o["acc_bn"] - r["acc_bn"]) < 5e-4})
         was = "-" if o is None else f"{100 * o['acc_bn']:.1f}"
         print(f"{key} s{seed} {target:g}x {c:24s} file {was} now {100 * r['acc_bn']:.1f}", flush=True)
-    lines = [f"Command: `{cmd}`", "", f"Code: {code_version()}. Each row of {RESULTS} named below, rerun with",
+    payload = {"command": cmd, "code": code_version(), "rows": out}
+    if doc:
+        from benchmarks.results_pages import write_page
+
+        write_page(RECHECK.stem, payload, RECHECK.parent)
+    return "\n".join(_recheck_lines(payload))
+
+
+def _recheck_lines(payload: dict) -> list[str]:
+    lines = [f"Command: `{payload['command']}`", "",
+             f"Code: {payload['code']}. Each row of {RESULTS} named below, rerun with",
              "its pinned configuration on today's code (same dense model recipe, seed, calibration).", "",
              "| model | seed | target | config | results file | today | same |", "|---|---|---|---|---|---|---|"]
-    for r in out:
+    for r in payload["rows"]:
         was = "-" if r["acc_results_file"] is None else f"{100 * r['acc_results_file']:.1f}"
         lines.append(f"| {r['model']} | {r['seed']} | {r['target']:g}x | {r['config']} | {was} | "
                      f"{100 * r['acc_bn']:.1f} | {'-' if r['same'] is None else ('yes' if r['same'] else 'no')} |")
-    if doc:
-        p = RECHECK
-        p.write_text(json.dumps({"command": cmd, "code": code_version(), "rows": out}, indent=1))
-        p.with_suffix(".md").write_text("# Study rows rerun on today's code\n\n" + "\n".join(lines) + "\n")
-    return "\n".join(lines)
+    return lines
+
+
+def recheck_page(payload: dict) -> str:
+    """docs/results/study_structural_recheck.md from its JSON (what ``--recheck --doc`` writes)."""
+    return "# Study rows rerun on today's code\n\n" + "\n".join(_recheck_lines(payload)) + "\n"
 
 
 def _run(models: list[str], seeds: list[int], targets: list[float], configs: list[str]) -> list[dict]:

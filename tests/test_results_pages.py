@@ -30,12 +30,17 @@ def test_page_regenerates_from_its_json(name):
 
 
 def test_missing_json_and_missing_writer_say_what_to_add(tmp_path):
+    assert "unwritten" not in rp.WRITERS
+    (tmp_path / "unwritten.md").write_text("# unwritten\n")
+    assert "has no unwritten.json beside it" in rp.page_problem("unwritten", tmp_path)
+    assert "write_page('unwritten', payload)" in rp.page_problem("unwritten", tmp_path)
+    (tmp_path / "unwritten.json").write_text(json.dumps({"command": "python -m benchmarks.unwritten"}))
+    assert "no writer registered for docs/results/unwritten.md" in rp.page_problem("unwritten", tmp_path)
+    assert rp.problems(tmp_path) == [rp.page_problem("unwritten", tmp_path)]
+    # a registered writer that cannot read its JSON is a failing writer, not a missing one
     (tmp_path / "speed.md").write_text("# speed\n")
-    assert "has no speed.json beside it" in rp.page_problem("speed", tmp_path)
-    assert "write_page('speed', payload)" in rp.page_problem("speed", tmp_path)
     (tmp_path / "speed.json").write_text(json.dumps({"command": "python -m benchmarks.bench_speed"}))
-    assert "no writer registered for docs/results/speed.md" in rp.page_problem("speed", tmp_path)
-    assert rp.problems(tmp_path) == [rp.page_problem("speed", tmp_path)]
+    assert "the writer of docs/results/speed.md fails on speed.json: KeyError" in rp.page_problem("speed", tmp_path)
 
 
 def test_write_page_writes_both_and_a_hand_edit_is_caught(tmp_path, monkeypatch):
