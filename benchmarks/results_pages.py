@@ -150,11 +150,33 @@ def archive(name: str, date: str, results_dir: Path = RESULTS) -> Path:
 
 # ------------------------------------------------------------------------------ benchmark writers
 
-@writer("calibration_cost")
-def _calibration_cost(payload: dict) -> str:
-    from benchmarks.bench_calibration_cost import render_md
+# pages whose benchmark renders them straight from the payload: name -> (module, function(payload) -> md)
+PAYLOAD_RENDERERS = {
+    "calibration_cost": ("benchmarks.bench_calibration_cost", "render_md"),
+    "study_structural": ("benchmarks.study_structural", "doc_page"),
+    "study_structural_recheck": ("benchmarks.study_structural", "recheck_page"),
+    "speed": ("benchmarks.bench_speed", "markdown"),
+    "speed_gpu_quick": ("benchmarks.bench_speed", "markdown"),
+    "speed_gpu_b256": ("benchmarks.bench_speed", "markdown"),
+    "gpu_check_h200": ("benchmarks.gpu_check", "markdown"),
+    "recurrent": ("benchmarks.bench_recurrent", "markdown"),
+    "threads": ("benchmarks.bench_threads", "render"),
+    "demo_speed": ("benchmarks.bench_demo_speed", "markdown"),
+    "demo_calibration": ("benchmarks.bench_demo_speed", "markdown"),
+    "demo_speed_budget025": ("benchmarks.bench_demo_speed", "markdown"),
+}
 
-    return render_md(payload)
+
+def _by_name(module: str, fn: str) -> Callable[[dict], str]:
+    def render_page(payload: dict) -> str:
+        import importlib
+
+        return getattr(importlib.import_module(module), fn)(payload)
+    return render_page
+
+
+for _name, (_module, _fn) in PAYLOAD_RENDERERS.items():
+    writer(_name)(_by_name(_module, _fn))
 
 
 @writer("coverage")
@@ -165,20 +187,6 @@ def _coverage(payload: dict) -> str:
         p = Path(d) / "coverage.md"
         write_md(payload["records"], payload["meta"], p)
         return p.read_text()
-
-
-@writer("study_structural")
-def _study_structural(payload: dict) -> str:
-    from benchmarks.study_structural import doc_page
-
-    return doc_page(payload)
-
-
-@writer("study_structural_recheck")
-def _study_structural_recheck(payload: dict) -> str:
-    from benchmarks.study_structural import recheck_page
-
-    return recheck_page(payload)
 
 
 @writer("export")
@@ -199,35 +207,12 @@ def _export(payload: dict) -> str:
     return _markdown(payload["command"], table, payload, payload["rows"], s["batch"])
 
 
-@writer("speed")
-@writer("speed_gpu_quick")
-@writer("speed_gpu_b256")
-def _speed(payload: dict) -> str:
-    from benchmarks.bench_speed import markdown
-
-    return markdown(payload)
-
-
-@writer("gpu_check_h200")
-def _gpu_check(payload: dict) -> str:
-    from benchmarks.gpu_check import markdown
-
-    return markdown(payload)
-
-
 @writer("recovery")
 @writer("recovery_digits")
 def _recovery(payload: dict) -> str:
     from benchmarks.bench_recovery import render as render_recovery
 
     return render_recovery(payload, payload["command"]) + "\n"  # as bench_recovery writes it
-
-
-@writer("recurrent")
-def _recurrent(payload: dict) -> str:
-    from benchmarks.bench_recurrent import markdown
-
-    return markdown(payload)
 
 
 @writer("transformers")
@@ -239,22 +224,6 @@ def _transformers(payload: dict) -> str:
         write_markdown(payload["results"], payload["meta"], p)
         return p.read_text()
 
-
-@writer("threads")
-def _threads(payload: dict) -> str:
-    from benchmarks.bench_threads import render as render_threads
-
-    return render_threads(payload)
-
-
-
-@writer("demo_speed")
-@writer("demo_calibration")
-@writer("demo_speed_budget025")
-def _demo_speed(payload: dict) -> str:
-    from benchmarks.bench_demo_speed import markdown
-
-    return markdown(payload)
 
 # ------------------------------------------------------------------------------------------- main
 
