@@ -18,7 +18,8 @@ compared with the outputs, and any difference beyond the tolerances below exits 
 * MACs within 5 % (the planner's MACs target tolerance is 3 %), params within 25 % (which channels a
   pruned model keeps follows float noise in the scores: two machines of the same kind gave 41.65 K
   and 35.0 K for the demo's light expert), rel. cost within 0.1;
-* timings (latency, throughput, seconds): not compared (they follow the machine and its load).
+* timings (latency, throughput, seconds, speed-up ratios such as "x heavy b256"): not compared (they
+  follow the machine and its load).
 
 See docs/ci.md.
 """
@@ -36,7 +37,7 @@ from flowprune.report import format_table
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCKS = ("tests", "demo")
-TIMING = ("latency", "throughput", "second", "time")
+TIMING = ("latency", "throughput", "second", "time", "x heavy", "speed")  # speed ratios follow the load too
 SUMMARY = re.compile(r"^=*\s*(?P<body>(?:\d+ (?:passed|failed|skipped|deselected|errors?|xfailed|xpassed|warnings?)"
                      r"(?:, )?)+) in [\d.]+s")
 

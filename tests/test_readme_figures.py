@@ -70,5 +70,6 @@ def test_demo_tolerances():
     assert len(errs) == 1 and "light: AGF 8x / test acc %" in errs[0]
     assert rf.tolerance("test acc %", 97.8, 1000) == pytest.approx(100 * 3 * (2 * 0.978 * 0.022 / 1000) ** 0.5 + 0.01)
     assert rf.tolerance("latency b1 ms", 1.0, 1000) is None
+    assert rf.tolerance("x heavy b256", 2.2, 1000) is None  # a speed ratio: follows the load, never compared
     run["rows"].pop()
     assert "rows/columns differ" in rf.check_demo(block, run, 1000)[0]
