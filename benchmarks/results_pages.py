@@ -179,14 +179,19 @@ for _name, (_module, _fn) in PAYLOAD_RENDERERS.items():
     writer(_name)(_by_name(_module, _fn))
 
 
+def _written(write: Callable[..., None], *args) -> str:
+    """The text a benchmark's ``write(*args, path)`` writes to a file (for writers that only write files)."""
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "page.md"
+        write(*args, p)
+        return p.read_text()
+
+
 @writer("coverage")
 def _coverage(payload: dict) -> str:
     from benchmarks.bench_coverage import write_md
 
-    with tempfile.TemporaryDirectory() as d:
-        p = Path(d) / "coverage.md"
-        write_md(payload["records"], payload["meta"], p)
-        return p.read_text()
+    return _written(write_md, payload["records"], payload["meta"])
 
 
 @writer("export")
@@ -219,10 +224,7 @@ def _recovery(payload: dict) -> str:
 def _transformers(payload: dict) -> str:
     from benchmarks.bench_transformers import write_markdown
 
-    with tempfile.TemporaryDirectory() as d:
-        p = Path(d) / "transformers.md"
-        write_markdown(payload["results"], payload["meta"], p)
-        return p.read_text()
+    return _written(write_markdown, payload["results"], payload["meta"])
 
 
 # ------------------------------------------------------------------------------------------- main
